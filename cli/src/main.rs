@@ -1,0 +1,143 @@
+//! `redpacket`: one binary that runs any service of the red-packet system, the embedded
+//! all-in-one mode, and the migrations. It only parses arguments and configuration and calls
+//! the libraries.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use redpacket_common::ConfigSource;
+use redpacket_common::http::shutdown_signal;
+use redpacket_common::telemetry::{LogConfig, init_tracing, install_crypto_provider};
+use redpacket_migrations::{Migrator, MigratorTrait};
+
+/// The red-packet system: merchants fund campaigns split into packets, crowds grab them, a
+/// saga credits the money to wallets.
+///
+/// Services read their settings from `RP_*` environment variables (or a TOML file named by
+/// `RP_CONFIG_FILE`); each names the variables it needs when one is missing.
+#[derive(Debug, Parser)]
+#[command(name = "redpacket", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the system embedded in one process on SQLite: the default for a first run.
+    ///
+    /// Data lives in `--data-dir` (default `./.redpacket`), so a restart keeps everything.
+    Dev {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Directory for the SQLite database.
+        #[arg(long, default_value = ".redpacket")]
+        data_dir: PathBuf,
+    },
+    /// Run the wallet service (double-entry ledger). Needs RP_DATABASE_URL; listens on
+    /// RP_LISTEN (default 127.0.0.1:8082).
+    Wallet {
+        /// Apply pending migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Apply, revert or list the schema migrations on RP_DATABASE_URL.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert applied migrations, the newest first (one unless told otherwise).
+    Down {
+        /// How many to revert.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
+        steps: u32,
+        /// Revert all of them.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List every migration with whether it is applied.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let source = ConfigSource::load()?;
+    init_tracing(&LogConfig::from_source(&source)?);
+    match cli.command {
+        Command::Dev { listen, data_dir } => dev(listen, data_dir).await,
+        Command::Wallet { migrate } => {
+            let config = redpacket_wallet::WalletConfig::from_source(&source)?;
+            let app = redpacket_wallet::Application::build(&config).await?;
+            if migrate {
+                Migrator::up(app.db(), None).await.context("applying migrations")?;
+            }
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Migrate { action } => migrate(&source, action).await,
+    }
+}
+
+async fn migrate(source: &ConfigSource, action: MigrateAction) -> anyhow::Result<()> {
+    let url = source.required_secret("RP_DATABASE_URL")?;
+    let db = redpacket_common::db::connect(url.expose(), 2)
+        .await
+        .context("cannot connect to RP_DATABASE_URL")?;
+    match action {
+        MigrateAction::Up => Migrator::up(&db, None).await?,
+        MigrateAction::Down { all: true, .. } => Migrator::down(&db, None).await?,
+        MigrateAction::Down { steps, .. } => Migrator::down(&db, Some(steps)).await?,
+        MigrateAction::Status => {
+            for migration in Migrator::get_migration_with_status(&db).await? {
+                println!("{:<8} {}", migration.status(), migration.name());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The embedded mode: today the wallet on SQLite in the data directory.
+async fn dev(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let path = data_dir.join("wallet.sqlite");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let db = redpacket_common::db::connect(&url, 1)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Migrator::up(&db, None).await.context("applying migrations")?;
+    let app = redpacket_wallet::Application::with_database(db, listen).await?;
+    let addr = app.local_addr();
+    println!("redpacket dev: the wallet runs on http://{addr} with its data in {}", data_dir.display());
+    println!("  API docs (OpenAPI): http://{addr}/openapi.json");
+    println!("  try: curl -s -XPOST http://{addr}/transfers -H 'content-type: application/json' \\");
+    println!("         -d '{{\"id\":\"t1\",\"debit\":\"external\",\"credit\":\"merchant:1\",\"amount\":1000,\"currency\":\"CNY\"}}'");
+    app.run_until_stopped(shutdown_signal()).await
+}

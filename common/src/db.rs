@@ -1,0 +1,32 @@
+//! Database connections shared by the services that own tables.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
+
+/// The bound on connections of one service's pool unless configured otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+/// How long a request waits for a pooled connection before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects with a bounded pool. SQLite gets one connection: it has a single writer anyway,
+/// and one connection turns concurrent writers into a queue instead of `database is locked`
+/// errors.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let is_sqlite = url.starts_with("sqlite:");
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(if is_sqlite { 1 } else { max_connections })
+        .min_connections(if is_sqlite { 1 } else { 0 })
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        use sea_orm::ConnectionTrait;
+        // WAL keeps readers from blocking the writer; NORMAL sync is durable across process
+        // crashes (not power loss), which is the embedded mode's promise.
+        db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .await?;
+    }
+    Ok(db)
+}

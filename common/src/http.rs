@@ -1,0 +1,328 @@
+//! What every service's HTTP edge shares: strict JSON bodies, problem+json errors, request
+//! ids, `/metrics`, `/health/live`, `/health/ready`, binding and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::web::Json;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server, get, handler};
+use poem_openapi::payload::{ParsePayload, Payload};
+use poem_openapi::registry::{MetaSchemaRef, Registry};
+use poem_openapi::types::Type;
+use serde::de::DeserializeOwned;
+
+use crate::problem::{Problem, problem_from_error};
+use crate::telemetry::Metrics;
+
+/// The header that carries a request's id through every hop.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The default bound on a request body.
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 256 * 1024;
+/// The longest request id accepted from a client; a longer one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+/// How long a stopping server waits for requests in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A JSON request body parsed strictly with serde: unknown fields, wrong types and trailing
+/// data are refused with a problem naming the field, and the body is bounded in size.
+#[derive(Debug)]
+pub struct StrictJson<T>(pub T);
+
+/// Upper bound on a [`StrictJson`] body, set per route as request data; the default applies
+/// when none is set.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl<T: Type> Payload for StrictJson<T> {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn check_content_type(content_type: &str) -> bool {
+        content_type
+            .split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: DeserializeOwned + Send> ParsePayload for StrictJson<T> {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(
+        request: &Request,
+        body: &mut poem::RequestBody,
+    ) -> poem::Result<Self> {
+        let limit = request
+            .data::<BodyLimit>()
+            .map_or(DEFAULT_BODY_LIMIT_BYTES, |limit| limit.0);
+        let bytes = body
+            .take()?
+            .into_bytes_limit(limit)
+            .await
+            .map_err(|err| match err {
+                poem::error::ReadBodyError::PayloadTooLarge => Problem::new(
+                    poem::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "Payload too large",
+                    format!("the request body exceeds {limit} bytes"),
+                ),
+                other => Problem::bad_request("invalid_body", other.to_string()),
+            })?;
+        parse_strict(&bytes).map(StrictJson).map_err(Into::into)
+    }
+}
+
+poem_openapi::impl_apirequest_for_payload!(StrictJson<T>, T: Type + DeserializeOwned + Send);
+
+/// Parses JSON with serde, naming the field at fault in the problem.
+pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let message = inner.to_string();
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|name| {
+                if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                }
+            });
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|name| {
+                if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                }
+            });
+        let (code, field) = match (unknown, missing) {
+            (Some(field), _) => ("unknown_field", Some(field)),
+            (None, Some(field)) => ("missing_field", Some(field)),
+            (None, None) if inner.is_syntax() || inner.is_eof() => ("malformed_json", None),
+            (None, None) => ("invalid_field", (path != ".").then_some(path)),
+        };
+        let problem = Problem::bad_request(code, message);
+        match field {
+            Some(field) => problem.with_field(field),
+            None => problem,
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|err| Problem::bad_request("malformed_json", err.to_string()))?;
+    Ok(value)
+}
+
+/// A dependency whose health decides readiness.
+pub trait Readiness: Send + Sync + 'static {
+    /// `Ok` when every dependency answers; otherwise which one does not.
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// Wraps a service's API with everything every service has: `/metrics`, `/health/*`, request
+/// ids, metrics and problem+json for every error.
+pub fn service_endpoint(
+    api: impl Endpoint + 'static,
+    metrics: Metrics,
+    readiness: Arc<dyn Readiness>,
+    body_limit: usize,
+) -> impl Endpoint + 'static {
+    let metrics_for_route = metrics.clone();
+    Route::new()
+        .at(
+            "/metrics",
+            get(poem::endpoint::make_sync(move |_| {
+                Response::builder()
+                    .content_type("text/plain; version=0.0.4")
+                    .body(metrics_for_route.render())
+            })),
+        )
+        .at("/health/live", get(live))
+        .at(
+            "/health/ready",
+            get(poem::endpoint::make(move |_| {
+                let readiness = readiness.clone();
+                async move {
+                    match readiness.check().await {
+                        Ok(()) => Ok(Json(serde_json::json!({"status": "ready"})).into_response()),
+                        Err(reason) => Err(Problem::unavailable("not_ready", reason)),
+                    }
+                }
+            })),
+        )
+        .nest("/", api)
+        .data(BodyLimit(body_limit))
+        .catch_all_error(|err| async move { problem_from_error(err).into_response() })
+        .around(move |endpoint, mut request| {
+            let metrics = metrics.clone();
+            async move {
+                let started = Instant::now();
+                let request_id = request_id_of(&request);
+                if let Ok(value) = request_id.parse() {
+                    request.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                let method = request.method().clone();
+                let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %request.uri().path());
+                let mut response = tracing::Instrument::instrument(endpoint.call(request), span)
+                    .await
+                    .map_or_else(|err| problem_from_error(err).into_response(), |r| r);
+                if let Ok(value) = request_id.parse() {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                metrics.observe_http(method.as_str(), response.status().as_u16(), started.elapsed());
+                Ok::<_, poem::Error>(response)
+            }
+        })
+}
+
+#[handler]
+fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "live"}))
+}
+
+/// The client's request id when it is sane, else a new one.
+pub fn request_id_of(request: &Request) -> String {
+    request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+/// A bound listener, so tests can bind port 0 and learn the port before serving.
+pub struct BoundListener {
+    acceptor: TcpAcceptor,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for BoundListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundListener")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundListener {
+    /// Binds the address now; failures name it.
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let acceptor = TcpListener::bind(addr)
+            .into_acceptor()
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
+        let local_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|addr| addr.as_socket_addr().copied())
+            .ok_or_else(|| anyhow::anyhow!("listener on {addr} has no socket address"))?;
+        Ok(BoundListener {
+            acceptor,
+            local_addr,
+        })
+    }
+
+    /// The address actually bound (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then drains requests in flight for at most
+    /// [`SHUTDOWN_GRACE`].
+    pub async fn serve(
+        self,
+        endpoint: impl Endpoint + 'static,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(endpoint, shutdown, Some(SHUTDOWN_GRACE))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        amount: i64,
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        mode: String,
+    }
+
+    #[test]
+    fn strict_parsing_names_the_field_at_fault() {
+        let err = parse_strict::<Body>(br#"{"amount": "x"}"#).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("invalid_field", Some("amount")));
+        let err = parse_strict::<Body>(br#"{"amount": 1, "extra": 2}"#).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("unknown_field", Some("extra")));
+        let err = parse_strict::<Body>(br#"{"amount": 1, "inner": {"mode": "a", "x": 1}}"#)
+            .unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("unknown_field", Some("inner.x")));
+        let err = parse_strict::<Body>(br#"{"amount": 1"#).unwrap_err();
+        assert_eq!(err.code, "malformed_json");
+        let err = parse_strict::<Body>(br#"{"amount": 1} trailing"#).unwrap_err();
+        assert_eq!(err.code, "malformed_json");
+        let err = parse_strict::<Body>(br#"{}"#).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("missing_field", Some("amount")));
+        let err = parse_strict::<Body>(br#"[1]"#).unwrap_err();
+        assert_eq!(err.code, "invalid_field");
+        assert!(parse_strict::<Body>(br#"{"amount": 1}"#).is_ok());
+    }
+}

@@ -1,0 +1,18 @@
+//! What every red-packet service shares: money, ids, configuration, telemetry, errors and the
+//! HTTP edge.
+
+pub mod accounts;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod ids;
+pub mod money;
+pub mod problem;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::{ConfigError, ConfigSource, Secret};
+pub use money::{Amount, Currency, MoneyError};
+pub use problem::Problem;
+pub use accounts::{AccountKind, AccountName, NameError, TransferId};

@@ -1,0 +1,22 @@
+//! Every table of every service, as sea-orm migrations that run on PostgreSQL, MySQL/MariaDB
+//! and SQLite.
+//!
+//! Each service owns its tables, named with the service as prefix (`wallet_*`); no service
+//! reads another's. An applied migration is never edited: a change is a new migration.
+//! Times are stored as `BIGINT` milliseconds since the Unix epoch (`*_at_ms`), the one
+//! representation that behaves the same on all three databases.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_wallet;
+
+/// Applies, reverts and reports the migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_wallet::Migration)]
+    }
+}
