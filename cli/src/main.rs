@@ -72,7 +72,10 @@ enum MigrateAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -97,7 +100,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = redpacket_wallet::WalletConfig::from_source(&source)?;
             let app = redpacket_wallet::Application::build(&config).await?;
             if migrate {
-                Migrator::up(app.db(), None).await.context("applying migrations")?;
+                Migrator::up(app.db(), None)
+                    .await
+                    .context("applying migrations")?;
             }
             app.run_until_stopped(shutdown_signal()).await
         }
@@ -132,12 +137,21 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
     let db = redpacket_common::db::connect(&url, 1)
         .await
         .with_context(|| format!("cannot open {}", path.display()))?;
-    Migrator::up(&db, None).await.context("applying migrations")?;
+    Migrator::up(&db, None)
+        .await
+        .context("applying migrations")?;
     let app = redpacket_wallet::Application::with_database(db, listen).await?;
     let addr = app.local_addr();
-    println!("redpacket dev: the wallet runs on http://{addr} with its data in {}", data_dir.display());
+    println!(
+        "redpacket dev: the wallet runs on http://{addr} with its data in {}",
+        data_dir.display()
+    );
     println!("  API docs (OpenAPI): http://{addr}/openapi.json");
-    println!("  try: curl -s -XPOST http://{addr}/transfers -H 'content-type: application/json' \\");
-    println!("         -d '{{\"id\":\"t1\",\"debit\":\"external\",\"credit\":\"merchant:1\",\"amount\":1000,\"currency\":\"CNY\"}}'");
+    println!(
+        "  try: curl -s -XPOST http://{addr}/transfers -H 'content-type: application/json' \\"
+    );
+    println!(
+        "         -d '{{\"id\":\"t1\",\"debit\":\"external\",\"credit\":\"merchant:1\",\"amount\":1000,\"currency\":\"CNY\"}}'"
+    );
     app.run_until_stopped(shutdown_signal()).await
 }

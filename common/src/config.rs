@@ -217,7 +217,9 @@ mod tests {
 
     #[test]
     fn a_missing_variable_is_named() {
-        let err = source(&[]).required::<String>("RP_DATABASE_URL").unwrap_err();
+        let err = source(&[])
+            .required::<String>("RP_DATABASE_URL")
+            .unwrap_err();
         let message = err.to_string();
         assert!(message.contains("RP_DATABASE_URL"), "{message}");
         assert!(message.contains("database_url"), "{message}");

@@ -12,7 +12,10 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connects with a bounded pool. SQLite gets one connection: it has a single writer anyway,
 /// and one connection turns concurrent writers into a queue instead of `database is locked`
 /// errors.
-pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, sea_orm::DbErr> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let is_sqlite = url.starts_with("sqlite:");
     let mut options = ConnectOptions::new(url.to_owned());
     options
@@ -25,8 +28,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         use sea_orm::ConnectionTrait;
         // WAL keeps readers from blocking the writer; NORMAL sync is durable across process
         // crashes (not power loss), which is the embedded mode's promise.
-        db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
-            .await?;
+        db.execute_unprepared(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+        )
+        .await?;
     }
     Ok(db)
 }

@@ -59,10 +59,7 @@ impl<T: Type> Payload for StrictJson<T> {
 impl<T: DeserializeOwned + Send> ParsePayload for StrictJson<T> {
     const IS_REQUIRED: bool = true;
 
-    async fn from_request(
-        request: &Request,
-        body: &mut poem::RequestBody,
-    ) -> poem::Result<Self> {
+    async fn from_request(request: &Request, body: &mut poem::RequestBody) -> poem::Result<Self> {
         let limit = request
             .data::<BodyLimit>()
             .map_or(DEFAULT_BODY_LIMIT_BYTES, |limit| limit.0);
@@ -92,6 +89,7 @@ pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let message = inner.to_string();
+        // serde_path_to_error already ends the path with the unknown field's name.
         let unknown = message
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
@@ -99,7 +97,7 @@ pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                 if path == "." {
                     name.to_owned()
                 } else {
-                    format!("{path}.{name}")
+                    path.clone()
                 }
             });
         let missing = message
@@ -182,7 +180,7 @@ pub fn service_endpoint(
                 let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %request.uri().path());
                 let mut response = tracing::Instrument::instrument(endpoint.call(request), span)
                     .await
-                    .map_or_else(|err| problem_from_error(err).into_response(), |r| r);
+                    .unwrap_or_else(|err| problem_from_error(err).into_response());
                 if let Ok(value) = request_id.parse() {
                     response.headers_mut().insert(REQUEST_ID_HEADER, value);
                 }
@@ -309,18 +307,30 @@ mod tests {
     #[test]
     fn strict_parsing_names_the_field_at_fault() {
         let err = parse_strict::<Body>(br#"{"amount": "x"}"#).unwrap_err();
-        assert_eq!((err.code, err.field.as_deref()), ("invalid_field", Some("amount")));
+        assert_eq!(
+            (err.code, err.field.as_deref()),
+            ("invalid_field", Some("amount"))
+        );
         let err = parse_strict::<Body>(br#"{"amount": 1, "extra": 2}"#).unwrap_err();
-        assert_eq!((err.code, err.field.as_deref()), ("unknown_field", Some("extra")));
-        let err = parse_strict::<Body>(br#"{"amount": 1, "inner": {"mode": "a", "x": 1}}"#)
-            .unwrap_err();
-        assert_eq!((err.code, err.field.as_deref()), ("unknown_field", Some("inner.x")));
+        assert_eq!(
+            (err.code, err.field.as_deref()),
+            ("unknown_field", Some("extra"))
+        );
+        let err =
+            parse_strict::<Body>(br#"{"amount": 1, "inner": {"mode": "a", "x": 1}}"#).unwrap_err();
+        assert_eq!(
+            (err.code, err.field.as_deref()),
+            ("unknown_field", Some("inner.x"))
+        );
         let err = parse_strict::<Body>(br#"{"amount": 1"#).unwrap_err();
         assert_eq!(err.code, "malformed_json");
         let err = parse_strict::<Body>(br#"{"amount": 1} trailing"#).unwrap_err();
         assert_eq!(err.code, "malformed_json");
         let err = parse_strict::<Body>(br#"{}"#).unwrap_err();
-        assert_eq!((err.code, err.field.as_deref()), ("missing_field", Some("amount")));
+        assert_eq!(
+            (err.code, err.field.as_deref()),
+            ("missing_field", Some("amount"))
+        );
         let err = parse_strict::<Body>(br#"[1]"#).unwrap_err();
         assert_eq!(err.code, "invalid_field");
         assert!(parse_strict::<Body>(br#"{"amount": 1}"#).is_ok());

@@ -12,7 +12,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use accounts::{AccountKind, AccountName, NameError, TransferId};
 pub use config::{ConfigError, ConfigSource, Secret};
 pub use money::{Amount, Currency, MoneyError};
 pub use problem::Problem;
-pub use accounts::{AccountKind, AccountName, NameError, TransferId};

@@ -277,12 +277,9 @@ pub fn problem_from_error(err: poem::Error) -> Problem {
             "Unsupported media type",
             err.to_string(),
         ),
-        status if status.is_client_error() => Problem::new(
-            status,
-            "bad_request",
-            "Bad request",
-            err.to_string(),
-        ),
+        status if status.is_client_error() => {
+            Problem::new(status, "bad_request", "Bad request", err.to_string())
+        }
         _ => {
             tracing::error!(error = %err, "unhandled error at the edge");
             Problem::internal()

@@ -92,7 +92,9 @@ impl TestDatabase {
             Some(admin) => {
                 if let Ok(connection) = Database::connect(&admin).await {
                     let sql = match self.backend {
-                        Backend::Postgres => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+                        Backend::Postgres => {
+                            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)
+                        }
                         _ => format!("DROP DATABASE IF EXISTS {}", self.name),
                     };
                     connection.execute_unprepared(&sql).await.ok();
@@ -121,7 +123,10 @@ mod tests {
             with_database("postgres://u@h:5432/postgres", "x"),
             "postgres://u@h:5432/x"
         );
-        assert_eq!(with_database("mysql://root@h:3306", "x"), "mysql://root@h:3306/x");
+        assert_eq!(
+            with_database("mysql://root@h:3306", "x"),
+            "mysql://root@h:3306/x"
+        );
         assert_eq!(
             with_database("postgres://u@h/db?sslmode=disable", "x"),
             "postgres://u@h/x?sslmode=disable"

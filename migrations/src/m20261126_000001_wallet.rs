@@ -59,11 +59,31 @@ impl MigrationTrait for Migration {
                             .not_null()
                             .primary_key(),
                     )
-                    .col(ColumnDef::new(WalletAccounts::Currency).string_len(3).not_null())
-                    .col(ColumnDef::new(WalletAccounts::Balance).big_integer().not_null())
-                    .col(ColumnDef::new(WalletAccounts::Version).big_integer().not_null())
-                    .col(ColumnDef::new(WalletAccounts::CreatedAtMs).big_integer().not_null())
-                    .col(ColumnDef::new(WalletAccounts::UpdatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(WalletAccounts::Currency)
+                            .string_len(3)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletAccounts::Balance)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletAccounts::Version)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletAccounts::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletAccounts::UpdatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -87,8 +107,16 @@ impl MigrationTrait for Migration {
                             .string_len(ACCOUNT_NAME_LEN)
                             .not_null(),
                     )
-                    .col(ColumnDef::new(WalletTransfers::Amount).big_integer().not_null())
-                    .col(ColumnDef::new(WalletTransfers::Currency).string_len(3).not_null())
+                    .col(
+                        ColumnDef::new(WalletTransfers::Amount)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletTransfers::Currency)
+                            .string_len(3)
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(WalletTransfers::Metadata).text().null())
                     .col(
                         ColumnDef::new(WalletTransfers::DebitBalanceAfter)
@@ -100,7 +128,11 @@ impl MigrationTrait for Migration {
                             .big_integer()
                             .not_null(),
                     )
-                    .col(ColumnDef::new(WalletTransfers::CreatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(WalletTransfers::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -125,9 +157,21 @@ impl MigrationTrait for Migration {
                             .string_len(TRANSFER_ID_LEN)
                             .not_null(),
                     )
-                    .col(ColumnDef::new(WalletEntries::Amount).big_integer().not_null())
-                    .col(ColumnDef::new(WalletEntries::BalanceAfter).big_integer().not_null())
-                    .col(ColumnDef::new(WalletEntries::CreatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(WalletEntries::Amount)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletEntries::BalanceAfter)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WalletEntries::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;

@@ -154,21 +154,25 @@ impl TransferBody {
     /// Turns the DTO into a ledger request, naming the first field at fault.
     pub fn parse(self) -> Result<TransferRequest, WalletError> {
         let id = TransferId::parse(&self.id).map_err(WalletError::InvalidTransferId)?;
-        let debit = AccountName::parse(&self.debit).map_err(|source| {
-            WalletError::InvalidAccount {
+        let debit =
+            AccountName::parse(&self.debit).map_err(|source| WalletError::InvalidAccount {
                 field: "debit",
                 source,
-            }
-        })?;
-        let credit = AccountName::parse(&self.credit).map_err(|source| {
-            WalletError::InvalidAccount {
+            })?;
+        let credit =
+            AccountName::parse(&self.credit).map_err(|source| WalletError::InvalidAccount {
                 field: "credit",
                 source,
-            }
-        })?;
+            })?;
         let currency = Currency::parse(&self.currency).map_err(WalletError::UnknownCurrency)?;
         let amount = Amount::positive(self.amount, currency).map_err(WalletError::InvalidAmount)?;
-        Ok(TransferRequest::new(id, debit, credit, amount, self.metadata)?)
+        Ok(TransferRequest::new(
+            id,
+            debit,
+            credit,
+            amount,
+            self.metadata,
+        )?)
     }
 }
 
@@ -371,10 +375,7 @@ impl WalletApi {
     /// body answers the original result and moves nothing; with another body, 409
     /// `transfer_conflict`. Only `external` may go negative (else 422 `insufficient_funds`).
     #[oai(path = "/transfers", method = "post", tag = "ApiTags::Transfers")]
-    async fn transfer(
-        &self,
-        body: StrictJson<TransferBody>,
-    ) -> Result<TransferResponse, Problem> {
+    async fn transfer(&self, body: StrictJson<TransferBody>) -> Result<TransferResponse, Problem> {
         let request = body.0.parse()?;
         let mut results = self
             .ledger
@@ -444,7 +445,11 @@ impl WalletApi {
     }
 
     /// An account's entries, newest first.
-    #[oai(path = "/accounts/:name/entries", method = "get", tag = "ApiTags::Accounts")]
+    #[oai(
+        path = "/accounts/:name/entries",
+        method = "get",
+        tag = "ApiTags::Accounts"
+    )]
     async fn entries(
         &self,
         name: Path<String>,
@@ -508,16 +513,75 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(TransferBody, &str, &str)> = vec![
-            (TransferBody { id: "a b".into(), ..body() }, "invalid_transfer_id", "id"),
-            (TransferBody { debit: "bank".into(), ..body() }, "invalid_account", "debit"),
-            (TransferBody { credit: "user:".into(), ..body() }, "invalid_account", "credit"),
-            (TransferBody { amount: 0, ..body() }, "invalid_amount", "amount"),
-            (TransferBody { amount: -5, ..body() }, "invalid_amount", "amount"),
-            (TransferBody { amount: MAX_AMOUNT_MINOR + 1, ..body() }, "invalid_amount", "amount"),
-            (TransferBody { currency: "XYZ".into(), ..body() }, "unknown_currency", "currency"),
-            (TransferBody { credit: "external".into(), ..body() }, "same_account", "credit"),
             (
-                TransferBody { metadata: Some(serde_json::json!([1])), ..body() },
+                TransferBody {
+                    id: "a b".into(),
+                    ..body()
+                },
+                "invalid_transfer_id",
+                "id",
+            ),
+            (
+                TransferBody {
+                    debit: "bank".into(),
+                    ..body()
+                },
+                "invalid_account",
+                "debit",
+            ),
+            (
+                TransferBody {
+                    credit: "user:".into(),
+                    ..body()
+                },
+                "invalid_account",
+                "credit",
+            ),
+            (
+                TransferBody {
+                    amount: 0,
+                    ..body()
+                },
+                "invalid_amount",
+                "amount",
+            ),
+            (
+                TransferBody {
+                    amount: -5,
+                    ..body()
+                },
+                "invalid_amount",
+                "amount",
+            ),
+            (
+                TransferBody {
+                    amount: MAX_AMOUNT_MINOR + 1,
+                    ..body()
+                },
+                "invalid_amount",
+                "amount",
+            ),
+            (
+                TransferBody {
+                    currency: "XYZ".into(),
+                    ..body()
+                },
+                "unknown_currency",
+                "currency",
+            ),
+            (
+                TransferBody {
+                    credit: "external".into(),
+                    ..body()
+                },
+                "same_account",
+                "credit",
+            ),
+            (
+                TransferBody {
+                    metadata: Some(serde_json::json!([1])),
+                    ..body()
+                },
                 "invalid_metadata",
                 "metadata",
             ),
@@ -532,7 +596,10 @@ mod tests {
         ];
         for (body, code, field) in cases {
             let problem = Problem::from(body.parse().unwrap_err());
-            assert_eq!((problem.code, problem.field.as_deref()), (code, Some(field)));
+            assert_eq!(
+                (problem.code, problem.field.as_deref()),
+                (code, Some(field))
+            );
             assert_eq!(problem.status.as_u16(), 422);
         }
     }

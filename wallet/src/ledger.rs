@@ -439,7 +439,9 @@ impl Ledger {
         let mut entries = new_entries.into_iter().peekable();
         while entries.peek().is_some() {
             let chunk: Vec<_> = entries.by_ref().take(INSERT_CHUNK_ROWS).collect();
-            entry::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
+            entry::Entity::insert_many(chunk)
+                .exec_without_returning(&txn)
+                .await?;
         }
         txn.commit().await?;
         Ok(results)
@@ -552,12 +554,18 @@ impl Ledger {
             InvariantCheck {
                 name: "balances_match_entries",
                 ok: drifted.is_empty(),
-                detail: format!("accounts whose balance or version drifted: {}", listed(&drifted)),
+                detail: format!(
+                    "accounts whose balance or version drifted: {}",
+                    listed(&drifted)
+                ),
             },
             InvariantCheck {
                 name: "transfers_post_two_entries",
                 ok: unbalanced.is_empty(),
-                detail: format!("transfers without two balancing entries: {}", listed(&unbalanced)),
+                detail: format!(
+                    "transfers without two balancing entries: {}",
+                    listed(&unbalanced)
+                ),
             },
         ])
     }
@@ -618,7 +626,10 @@ fn post(
     let credit_after = balance_of(&request.credit)
         .checked_add(amount)
         .ok_or_else(|| TransferError::BalanceOverflow(request.credit.to_string()))?;
-    for (name, balance) in [(&request.debit, debit_after), (&request.credit, credit_after)] {
+    for (name, balance) in [
+        (&request.debit, debit_after),
+        (&request.credit, credit_after),
+    ] {
         let state = accounts
             .entry(name.to_string())
             .or_insert_with(|| AccountState {

@@ -98,9 +98,10 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Connects to the database and binds the listener.
     pub async fn build(config: &WalletConfig) -> anyhow::Result<Self> {
-        let db = redpacket_common::db::connect(config.database_url.expose(), config.db_max_connections)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot connect to RP_DATABASE_URL: {err}"))?;
+        let db =
+            redpacket_common::db::connect(config.database_url.expose(), config.db_max_connections)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot connect to RP_DATABASE_URL: {err}"))?;
         Self::with_database(db, config.listen).await
     }
 
@@ -126,7 +127,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then drains requests in flight.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr(), "wallet listening");
         self.listener.serve(endpoint(self.db), shutdown).await
     }

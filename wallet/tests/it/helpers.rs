@@ -1,0 +1,131 @@
+use redpacket_common::testing::{Backend, TestDatabase};
+use redpacket_migrations::{Migrator, MigratorTrait};
+use redpacket_wallet::{Application, Ledger};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// A wallet on port 0 over a fresh, migrated database.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub ledger: Ledger,
+    database: TestDatabase,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    redpacket_common::telemetry::install_crypto_provider();
+    let database = TestDatabase::create(backend).await;
+    let db = redpacket_common::db::connect(&database.url, 8)
+        .await
+        .unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    let app = Application::with_database(db.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        ledger: Ledger::new(db),
+        database,
+        stop,
+        server,
+    }
+}
+
+pub fn transfer_body(id: &str, debit: &str, credit: &str, amount: i64) -> Value {
+    json!({"id": id, "debit": debit, "credit": credit, "amount": amount, "currency": "CNY"})
+}
+
+impl TestApp {
+    pub async fn post_raw(&self, path: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.address))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn transfer(&self, body: &Value) -> reqwest::Response {
+        self.post_raw("/transfers", &body.to_string()).await
+    }
+
+    /// A transfer that must succeed; returns its JSON.
+    pub async fn transfer_ok(&self, id: &str, debit: &str, credit: &str, amount: i64) -> Value {
+        let response = self
+            .transfer(&transfer_body(id, debit, credit, amount))
+            .await;
+        assert_eq!(response.status(), 200, "transfer {id}");
+        response.json().await.unwrap()
+    }
+
+    pub async fn batch(&self, transfers: Vec<Value>) -> reqwest::Response {
+        self.post_raw(
+            "/transfers/batch",
+            &json!({ "transfers": transfers }).to_string(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// An account's balance, 0 when it was never used.
+    pub async fn balance(&self, name: &str) -> i64 {
+        let response = self.get(&format!("/accounts/{name}")).await;
+        if response.status() == 404 {
+            return 0;
+        }
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()["balance"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Asserts every ledger invariant holds.
+    pub async fn assert_invariants(&self) {
+        for check in self.ledger.check_invariants().await.unwrap() {
+            assert!(check.ok, "{}: {}", check.name, check.detail);
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+        self.ledger.db().clone().close().await.ok();
+        self.database.drop_database().await;
+    }
+}
+
+/// Asserts a problem+json answer with the given status, code and field.
+pub async fn assert_problem(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+    field: Option<&str>,
+) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["field"].as_str(), field, "{body}");
+    assert!(body["type"].as_str().unwrap().ends_with(code), "{body}");
+    body
+}
