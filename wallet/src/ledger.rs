@@ -29,8 +29,10 @@ pub const MAX_METADATA_BYTES: usize = 4096;
 /// How often a batch is retried after a lock conflict, deadlock or a concurrent creation of
 /// the same account or transfer.
 const MAX_ATTEMPTS: u32 = 5;
-/// Rows per multi-row insert, well under every backend's bound on bind parameters.
-const INSERT_CHUNK_ROWS: usize = 1000;
+/// Rows per multi-row statement. Small enough that a statement fits in a few kilobytes:
+/// larger messages stall on the database connection (TCP delayed acknowledgements cost up to
+/// 40 ms a statement), and far under every backend's bound on bind parameters.
+const STATEMENT_CHUNK_ROWS: usize = 100;
 
 /// A transfer to apply, already parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,22 +282,33 @@ impl Ledger {
             .collect();
         names.sort_unstable();
         names.dedup();
-        let locked = account::Entity::find()
-            .filter(account::Column::Name.is_in(names.iter().copied()))
-            .order_by_asc(account::Column::Name)
-            .lock_exclusive()
-            .all(&txn)
-            .await?;
+        // Chunks of sorted names keep the global lock order while keeping every statement
+        // small (large messages stall on TCP's delayed acknowledgements).
+        let mut locked = Vec::with_capacity(names.len());
+        for chunk in names.chunks(STATEMENT_CHUNK_ROWS) {
+            locked.extend(
+                account::Entity::find()
+                    .filter(account::Column::Name.is_in(chunk.iter().copied()))
+                    .order_by_asc(account::Column::Name)
+                    .lock_exclusive()
+                    .all(&txn)
+                    .await?,
+            );
+        }
         let mut ids: Vec<&str> = requests.iter().map(|r| r.id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut applied: HashMap<String, transfer::Model> = transfer::Entity::find()
-            .filter(transfer::Column::Id.is_in(ids.iter().copied()))
-            .all(&txn)
-            .await?
-            .into_iter()
-            .map(|model| (model.id.clone(), model))
-            .collect();
+        let mut applied: HashMap<String, transfer::Model> = HashMap::new();
+        for chunk in ids.chunks(STATEMENT_CHUNK_ROWS) {
+            applied.extend(
+                transfer::Entity::find()
+                    .filter(transfer::Column::Id.is_in(chunk.iter().copied()))
+                    .all(&txn)
+                    .await?
+                    .into_iter()
+                    .map(|model| (model.id.clone(), model)),
+            );
+        }
 
         let mut accounts: BTreeMap<String, AccountState> = locked
             .into_iter()
@@ -402,26 +415,34 @@ impl Ledger {
         if !created.is_empty() {
             // A plain insert: if another batch created one of these accounts meanwhile, the
             // unique violation sends this batch round again, now locking the account.
-            account::Entity::insert_many(created.into_iter().map(|(_, model)| model))
-                .exec_without_returning(&txn)
-                .await?;
+            let mut created = created.into_iter().map(|(_, model)| model).peekable();
+            while created.peek().is_some() {
+                let chunk: Vec<_> = created.by_ref().take(STATEMENT_CHUNK_ROWS).collect();
+                account::Entity::insert_many(chunk)
+                    .exec_without_returning(&txn)
+                    .await?;
+            }
         }
         if !changed.is_empty() {
             // Every row here is locked by this transaction; the upsert is a multi-row update.
-            account::Entity::insert_many(changed.into_iter().map(|(_, model)| model))
-                .on_conflict(
-                    OnConflict::column(account::Column::Name)
-                        .update_columns([
-                            account::Column::Balance,
-                            account::Column::Version,
-                            account::Column::UpdatedAtMs,
-                        ])
-                        .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await?;
+            let mut changed = changed.into_iter().map(|(_, model)| model).peekable();
+            while changed.peek().is_some() {
+                let chunk: Vec<_> = changed.by_ref().take(STATEMENT_CHUNK_ROWS).collect();
+                account::Entity::insert_many(chunk)
+                    .on_conflict(
+                        OnConflict::column(account::Column::Name)
+                            .update_columns([
+                                account::Column::Balance,
+                                account::Column::Version,
+                                account::Column::UpdatedAtMs,
+                            ])
+                            .to_owned(),
+                    )
+                    .exec_without_returning(&txn)
+                    .await?;
+            }
         }
-        for chunk in new_transfers.chunks(INSERT_CHUNK_ROWS) {
+        for chunk in new_transfers.chunks(STATEMENT_CHUNK_ROWS) {
             transfer::Entity::insert_many(chunk.iter().map(|model| transfer::ActiveModel {
                 id: Set(model.id.clone()),
                 debit: Set(model.debit.clone()),
@@ -438,7 +459,7 @@ impl Ledger {
         }
         let mut entries = new_entries.into_iter().peekable();
         while entries.peek().is_some() {
-            let chunk: Vec<_> = entries.by_ref().take(INSERT_CHUNK_ROWS).collect();
+            let chunk: Vec<_> = entries.by_ref().take(STATEMENT_CHUNK_ROWS).collect();
             entry::Entity::insert_many(chunk)
                 .exec_without_returning(&txn)
                 .await?;
