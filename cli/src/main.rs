@@ -45,6 +45,13 @@ enum Command {
         #[arg(long)]
         migrate: bool,
     },
+    /// Run the campaign service (campaigns, the packet pool, the grab). Needs RP_DATABASE_URL,
+    /// RP_REDIS_URL and RP_WORKER_ID; listens on RP_LISTEN (default 127.0.0.1:8081).
+    Campaign {
+        /// Apply pending migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
     /// Apply, revert or list the schema migrations on RP_DATABASE_URL.
     Migrate {
         #[command(subcommand)]
@@ -101,6 +108,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = redpacket_wallet::Application::build(&config).await?;
             if migrate {
                 Migrator::up(app.db(), None)
+                    .await
+                    .context("applying migrations")?;
+            }
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Campaign { migrate } => {
+            let config = redpacket_campaign::CampaignConfig::from_source(&source)?;
+            let app = redpacket_campaign::Application::build(&config).await?;
+            if migrate {
+                Migrator::up(app.service().store().db(), None)
                     .await
                     .context("applying migrations")?;
             }

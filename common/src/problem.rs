@@ -25,6 +25,8 @@ pub struct Problem {
     pub field: Option<String>,
     /// Seconds a client should wait before retrying (429 and 503).
     pub retry_after_s: Option<u64>,
+    /// Extension members of the body (RFC 9457 §3.2), e.g. the claims a limit counted.
+    pub extensions: Vec<(&'static str, serde_json::Value)>,
 }
 
 /// The JSON body of a problem (RFC 9457).
@@ -62,12 +64,19 @@ impl Problem {
             detail: detail.into(),
             field: None,
             retry_after_s: None,
+            extensions: Vec::new(),
         }
     }
 
     /// Names the field at fault.
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());
+        self
+    }
+
+    /// Adds an extension member to the body.
+    pub fn with_extension(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.extensions.push((name, value));
         self
     }
 
@@ -146,24 +155,22 @@ impl std::error::Error for Problem {}
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": format!("/problems/{}", self.code),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-            "code": self.code,
-            "field": self.field,
-        });
-        let mut body = body;
-        if self.field.is_none()
-            && let Some(map) = body.as_object_mut()
-        {
-            map.remove("field");
+        let mut body = serde_json::Map::new();
+        body.insert("type".into(), format!("/problems/{}", self.code).into());
+        body.insert("title".into(), self.title.into());
+        body.insert("status".into(), self.status.as_u16().into());
+        body.insert("detail".into(), self.detail.into());
+        body.insert("code".into(), self.code.into());
+        if let Some(field) = self.field {
+            body.insert("field".into(), field.into());
+        }
+        for (name, value) in self.extensions {
+            body.insert(name.into(), value);
         }
         let mut response = Response::builder()
             .status(self.status)
             .content_type(PROBLEM_CONTENT_TYPE)
-            .body(body.to_string());
+            .body(serde_json::Value::Object(body).to_string());
         if let Some(seconds) = self.retry_after_s
             && let Ok(value) = seconds.to_string().parse()
         {

@@ -9,6 +9,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_wallet;
+mod m20261126_000002_campaign;
 
 /// Applies, reverts and reports the migrations.
 #[derive(Debug)]
@@ -17,6 +18,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_wallet::Migration)]
+        vec![
+            Box::new(m20261126_000001_wallet::Migration),
+            Box::new(m20261126_000002_campaign::Migration),
+        ]
     }
 }

@@ -1,0 +1,814 @@
+//! The campaign service's internal HTTP API, called by the gateway and the saga worker.
+
+use poem::http::StatusCode;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use redpacket_common::Problem;
+use redpacket_common::http::StrictJson;
+use serde::Deserialize;
+
+use crate::entity::{campaign, claim};
+use crate::service::{
+    CampaignError, CampaignService, ClaimView, CreateRequest, Stats, parse_owner_id,
+};
+use crate::store::ClaimRecord;
+
+/// Items per page unless `limit` says otherwise.
+const DEFAULT_PAGE_LIMIT: u64 = 50;
+/// The largest page.
+const MAX_PAGE_LIMIT: u64 = 200;
+/// The longest reason text a saga may attach.
+const MAX_REASON_LEN: usize = 1000;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Creating and reading campaigns.
+    Campaigns,
+    /// The seckill grab.
+    Grab,
+    /// Claims and their progress through the saga.
+    Claims,
+    /// Lifecycle steps driven by the saga worker.
+    Saga,
+}
+
+impl From<CampaignError> for Problem {
+    fn from(err: CampaignError) -> Problem {
+        let detail = err.to_string();
+        match err {
+            CampaignError::Invalid { field, .. } => {
+                Problem::unprocessable("invalid_field", detail).with_field(field)
+            }
+            CampaignError::Split(split) => {
+                Problem::unprocessable("impossible_split", detail).with_field(split.field())
+            }
+            CampaignError::UnknownCampaign(_) => Problem::not_found("campaign_not_found", detail),
+            CampaignError::UnknownClaim(_) => Problem::not_found("claim_not_found", detail),
+            CampaignError::IdempotencyConflict => {
+                Problem::conflict("idempotency_key_reused", detail).with_field("Idempotency-Key")
+            }
+            CampaignError::NotFunded => Problem::conflict("campaign_not_funded", detail),
+            CampaignError::NotStarted => Problem::conflict("campaign_not_started", detail),
+            CampaignError::Rejected(_) => Problem::conflict("campaign_rejected", detail),
+            CampaignError::Cancelled => {
+                Problem::new(StatusCode::GONE, "campaign_cancelled", "Gone", detail)
+            }
+            CampaignError::Ended => {
+                Problem::new(StatusCode::GONE, "campaign_ended", "Gone", detail)
+            }
+            CampaignError::SoldOut => Problem::new(StatusCode::GONE, "sold_out", "Gone", detail),
+            CampaignError::LimitReached(claims) => {
+                let claims = claims
+                    .into_iter()
+                    .map(|(claim_id, amount)| serde_json::json!({"claim_id": claim_id, "amount": amount}))
+                    .collect();
+                Problem::conflict("limit_reached", detail)
+                    .with_extension("claims", serde_json::Value::Array(claims))
+            }
+            CampaignError::WrongState(..) => Problem::conflict("wrong_state", detail),
+            CampaignError::AlreadyStarted => Problem::conflict("already_started", detail),
+            CampaignError::ClaimState(_) => Problem::conflict("claim_state", detail),
+            CampaignError::PoolUnavailable(source) => {
+                tracing::error!(error = %source, "packet pool failure");
+                Problem::unavailable("pool_unavailable", detail)
+            }
+            CampaignError::Store(source) => {
+                tracing::error!(error = %source, "campaign database failure");
+                Problem::internal()
+            }
+            CampaignError::Ids(_) => {
+                tracing::error!(error = %detail, "id generation failure");
+                Problem::unavailable("ids_unavailable", detail)
+            }
+        }
+    }
+}
+
+/// How the total is divided into packets.
+#[derive(Debug, Clone, Copy, Enum, Deserialize, PartialEq, Eq)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum SplitModeDto {
+    /// Equal packets; the remainder goes one minor unit at a time to the first packets.
+    Fixed,
+    /// WeChat's double-mean rule: each draw uniform in [min, 2 × remaining / packets left].
+    DoubleMean,
+    /// Random within `min_amount` and `max_amount`.
+    Bounded,
+}
+
+/// The split of a campaign.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct SplitDto {
+    /// The split rule.
+    pub mode: SplitModeDto,
+    /// Smallest packet in minor units (default 1).
+    #[serde(default)]
+    pub min_amount: Option<i64>,
+    /// Largest packet in minor units (required by `bounded`).
+    #[serde(default)]
+    pub max_amount: Option<i64>,
+}
+
+/// A campaign to create for a merchant.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCampaignBody {
+    /// The merchant funding it.
+    pub merchant_id: String,
+    /// 1-200 characters.
+    pub title: String,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// The total in minor units.
+    pub total_amount: i64,
+    /// 1 to 10,000,000 packets.
+    pub packet_count: i64,
+    /// How the total is split.
+    pub split: SplitDto,
+    /// Claims one user may hold, 1-100 (default 1).
+    #[serde(default)]
+    pub per_user_limit: Option<i64>,
+    /// When grabs open (RFC 3339).
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    /// When grabs close (RFC 3339); after `starts_at`, at most 30 days later.
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    /// Seed of the random split; the same seed gives the same packets.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// A campaign.
+#[derive(Debug, Clone, Object)]
+pub struct CampaignView {
+    /// The campaign's id.
+    pub id: String,
+    /// The merchant that funds it.
+    pub merchant_id: String,
+    /// Its title.
+    pub title: String,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// The total in minor units.
+    pub total_amount: i64,
+    /// Number of packets.
+    pub packet_count: i64,
+    /// The split.
+    pub split: SplitView,
+    /// Claims one user may hold.
+    pub per_user_limit: i64,
+    /// When grabs open.
+    pub starts_at: String,
+    /// When grabs close.
+    pub ends_at: String,
+    /// The split's seed.
+    pub seed: u64,
+    /// `funding`, `scheduled`, `active`, `exhausted`, `expired`, `settled`, `cancelled` or
+    /// `rejected`.
+    pub status: String,
+    /// Why it is `rejected` or `cancelled`.
+    #[oai(skip_serializing_if_is_none)]
+    pub status_reason: Option<String>,
+    /// When it was created.
+    pub created_at: String,
+}
+
+/// The split as stored.
+#[derive(Debug, Clone, Object)]
+pub struct SplitView {
+    /// `fixed`, `double_mean` or `bounded`.
+    pub mode: String,
+    /// Smallest packet.
+    pub min_amount: i64,
+    /// Largest packet.
+    pub max_amount: i64,
+}
+
+/// Formats epoch milliseconds as RFC 3339 UTC.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl From<campaign::Model> for CampaignView {
+    fn from(model: campaign::Model) -> Self {
+        CampaignView {
+            id: model.id.to_string(),
+            merchant_id: model.merchant_id,
+            title: model.title,
+            currency: model.currency,
+            total_amount: model.total_amount,
+            packet_count: i64::from(model.packet_count),
+            split: SplitView {
+                mode: model.split_mode,
+                min_amount: model.min_amount,
+                max_amount: model.max_amount,
+            },
+            per_user_limit: i64::from(model.per_user_limit),
+            starts_at: rfc3339(model.starts_at_ms),
+            ends_at: rfc3339(model.ends_at_ms),
+            seed: model.seed.cast_unsigned(),
+            status: model.status,
+            status_reason: model.status_reason,
+            created_at: rfc3339(model.created_at_ms),
+        }
+    }
+}
+
+/// A page of campaigns, newest first.
+#[derive(Debug, Clone, Object)]
+pub struct CampaignPage {
+    /// The campaigns.
+    pub campaigns: Vec<CampaignView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
+}
+
+/// Who grabs.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct GrabBody {
+    /// The user grabbing.
+    pub user_id: String,
+}
+
+/// A granted grab: the amount is the user's; the credit follows asynchronously.
+#[derive(Debug, Clone, Object)]
+pub struct GrabResult {
+    /// The claim's id; follow it with `GET /claims/{id}`.
+    pub claim_id: String,
+    /// The campaign.
+    pub campaign_id: String,
+    /// Minor units won.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Always `pending` here: the wallet credit follows.
+    pub status: String,
+}
+
+/// A claim.
+#[derive(Debug, Clone, Object)]
+pub struct ClaimDto {
+    /// The claim's id.
+    pub id: String,
+    /// Its campaign.
+    pub campaign_id: String,
+    /// The user who grabbed.
+    pub user_id: String,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// `pending`, `credited` or `compensated`.
+    pub status: String,
+    /// When it was grabbed.
+    pub created_at: String,
+    /// When the wallet was credited.
+    #[oai(skip_serializing_if_is_none)]
+    pub credited_at: Option<String>,
+    /// When it was compensated.
+    #[oai(skip_serializing_if_is_none)]
+    pub compensated_at: Option<String>,
+    /// Why it was compensated.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
+    /// The packet's number within the campaign.
+    pub packet_seq: i64,
+}
+
+impl From<claim::Model> for ClaimDto {
+    fn from(model: claim::Model) -> Self {
+        ClaimDto {
+            id: model.id,
+            campaign_id: model.campaign_id.to_string(),
+            user_id: model.user_id,
+            amount: model.amount,
+            currency: model.currency,
+            status: model.status,
+            created_at: rfc3339(model.grabbed_at_ms),
+            credited_at: model.credited_at_ms.map(rfc3339),
+            compensated_at: model.compensated_at_ms.map(rfc3339),
+            reason: model.reason,
+            packet_seq: i64::from(model.packet_seq),
+        }
+    }
+}
+
+impl From<ClaimView> for ClaimDto {
+    fn from(view: ClaimView) -> Self {
+        match view {
+            ClaimView::Recorded(model) => model.into(),
+            ClaimView::Pending {
+                campaign_id,
+                currency,
+                pending,
+            } => ClaimDto {
+                id: pending.claim_id,
+                campaign_id: campaign_id.to_string(),
+                user_id: pending.user_id,
+                amount: pending.amount,
+                currency,
+                status: crate::store::claim_status::PENDING.to_owned(),
+                created_at: rfc3339(pending.grabbed_at_ms),
+                credited_at: None,
+                compensated_at: None,
+                reason: None,
+                packet_seq: i64::from(pending.seq),
+            },
+        }
+    }
+}
+
+/// A page of claims, newest first.
+#[derive(Debug, Clone, Object)]
+pub struct ClaimPage {
+    /// The claims.
+    pub claims: Vec<ClaimDto>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
+}
+
+/// Campaign statistics, served from counters.
+#[derive(Debug, Clone, Object)]
+pub struct StatsDto {
+    /// The campaign's status.
+    pub status: String,
+    /// Packets in all.
+    pub packets_total: i64,
+    /// Packets still in the pool.
+    pub packets_remaining: i64,
+    /// Packets taken from the pool and held.
+    pub packets_grabbed: i64,
+    /// Claims credited to a wallet.
+    pub packets_credited: i64,
+    /// Claims compensated.
+    pub packets_compensated: i64,
+    /// Grabbed, neither credited nor compensated yet.
+    pub packets_in_flight: i64,
+    /// The total in minor units.
+    pub amount_total: i64,
+    /// Minor units still in the pool.
+    pub amount_remaining: i64,
+    /// Minor units taken from the pool and held.
+    pub amount_grabbed: i64,
+    /// Minor units credited to wallets.
+    pub amount_credited: i64,
+    /// Minor units of compensated claims.
+    pub amount_compensated: i64,
+    /// Minor units grabbed and not yet credited or compensated.
+    pub amount_in_flight: i64,
+    /// Minor units returned to the merchant at settlement.
+    pub amount_refunded: i64,
+}
+
+impl From<Stats> for StatsDto {
+    fn from(stats: Stats) -> Self {
+        StatsDto {
+            packets_grabbed: stats.packets_grabbed(),
+            amount_grabbed: stats.amount_grabbed(),
+            packets_in_flight: stats.packets_in_flight(),
+            amount_in_flight: stats.amount_in_flight(),
+            status: stats.status,
+            packets_total: stats.packets_total,
+            packets_remaining: stats.packets_remaining,
+            packets_credited: stats.packets_credited,
+            packets_compensated: stats.packets_compensated,
+            amount_total: stats.amount_total,
+            amount_remaining: stats.amount_remaining,
+            amount_credited: stats.amount_credited,
+            amount_compensated: stats.amount_compensated,
+            amount_refunded: stats.amount_refunded,
+        }
+    }
+}
+
+/// A claim handed off by the pool, to record.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RecordClaimBody {
+    /// The campaign.
+    pub campaign_id: String,
+    /// The user.
+    pub user_id: String,
+    /// The packet's number.
+    pub packet_seq: u32,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// When the pool granted it (epoch milliseconds).
+    pub grabbed_at_ms: i64,
+    /// The request id of the grab.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// Why something failed for good.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    /// A human-readable reason, at most 1,000 characters.
+    pub reason: String,
+}
+
+/// The refund of a settled campaign.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    /// Minor units returned from the escrow to the merchant.
+    pub amount_refunded: i64,
+}
+
+/// Who cancels.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// The merchant; a campaign of another merchant answers 404.
+    #[serde(default)]
+    pub merchant_id: Option<String>,
+}
+
+#[derive(ApiResponse)]
+enum CreateResponse {
+    /// Created, in `funding` until the funding saga moves the money.
+    #[oai(status = 201)]
+    Created(Json<CampaignView>),
+    /// The same `Idempotency-Key` and body were seen before: the original campaign.
+    #[oai(status = 200)]
+    Existing(Json<CampaignView>),
+}
+
+fn page_limit(limit: Option<u64>) -> Result<u64, Problem> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    if (1..=MAX_PAGE_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(Problem::bad_request(
+            "invalid_limit",
+            format!("`limit` must be between 1 and {MAX_PAGE_LIMIT}"),
+        )
+        .with_field("limit"))
+    }
+}
+
+fn claim_cursor(cursor: Option<&str>) -> Result<Option<&str>, Problem> {
+    match cursor {
+        Some(c) if c.len() == 32 && c.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(Some(c)),
+        Some(_) => Err(Problem::bad_request(
+            "invalid_cursor",
+            "`cursor` is not a cursor this API returned",
+        )
+        .with_field("cursor")),
+        None => Ok(None),
+    }
+}
+
+fn claim_page(claims: Vec<claim::Model>, limit: u64) -> ClaimPage {
+    let next_cursor = (claims.len() as u64 == limit)
+        .then(|| claims.last().map(|c| c.id.clone()))
+        .flatten();
+    ClaimPage {
+        claims: claims.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }
+}
+
+fn check_reason(reason: &str) -> Result<(), Problem> {
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_LEN {
+        return Err(Problem::unprocessable(
+            "invalid_field",
+            format!("reason must have 1-{MAX_REASON_LEN} characters"),
+        )
+        .with_field("reason"));
+    }
+    Ok(())
+}
+
+/// The campaign API.
+#[derive(Debug, Clone)]
+pub struct CampaignApi {
+    service: CampaignService,
+}
+
+impl CampaignApi {
+    pub fn new(service: CampaignService) -> Self {
+        CampaignApi { service }
+    }
+}
+
+#[OpenApi]
+impl CampaignApi {
+    /// Create a campaign.
+    ///
+    /// Splits the total into packets now (seeded, reproducible) and stores them; the campaign
+    /// waits in `funding` for the funding saga. With an `Idempotency-Key`, a retry answers the
+    /// original campaign (200); the same key with another body is 409.
+    #[oai(path = "/campaigns", method = "post", tag = "ApiTags::Campaigns")]
+    async fn create(
+        &self,
+        body: StrictJson<CreateCampaignBody>,
+        /// Makes a retried create return the same campaign (1-128 visible ASCII characters).
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+    ) -> Result<CreateResponse, Problem> {
+        let body = body.0;
+        let request = CreateRequest {
+            merchant_id: body.merchant_id,
+            title: body.title,
+            currency: body.currency,
+            total_amount: body.total_amount,
+            packet_count: body.packet_count,
+            split_mode: match body.split.mode {
+                SplitModeDto::Fixed => "fixed",
+                SplitModeDto::DoubleMean => "double_mean",
+                SplitModeDto::Bounded => "bounded",
+            }
+            .to_owned(),
+            min_amount: body.split.min_amount,
+            max_amount: body.split.max_amount,
+            per_user_limit: body.per_user_limit,
+            starts_at_ms: body.starts_at.timestamp_millis(),
+            ends_at_ms: body.ends_at.timestamp_millis(),
+            seed: body.seed,
+        };
+        let (campaign, created) = self.service.create(request, idempotency_key.0).await?;
+        Ok(if created {
+            CreateResponse::Created(Json(campaign.into()))
+        } else {
+            CreateResponse::Existing(Json(campaign.into()))
+        })
+    }
+
+    /// A merchant's campaigns, newest first.
+    #[oai(path = "/campaigns", method = "get", tag = "ApiTags::Campaigns")]
+    async fn list(
+        &self,
+        /// The merchant.
+        merchant_id: Query<String>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Campaigns per page, 1-200 (default 50).
+        limit: Query<Option<u64>>,
+    ) -> Result<Json<CampaignPage>, Problem> {
+        let merchant_id = parse_owner_id("merchant_id", &merchant_id.0)?;
+        let limit = page_limit(limit.0)?;
+        let before = match cursor.0 {
+            Some(cursor) => Some(cursor.parse::<i64>().map_err(|_| {
+                Problem::bad_request(
+                    "invalid_cursor",
+                    "`cursor` is not a cursor this API returned",
+                )
+                .with_field("cursor")
+            })?),
+            None => None,
+        };
+        let campaigns = self
+            .service
+            .store()
+            .campaigns_of(&merchant_id, before, limit)
+            .await
+            .map_err(CampaignError::from)?;
+        let next_cursor = (campaigns.len() as u64 == limit)
+            .then(|| campaigns.last().map(|c| c.id.to_string()))
+            .flatten();
+        Ok(Json(CampaignPage {
+            campaigns: campaigns.into_iter().map(Into::into).collect(),
+            next_cursor,
+        }))
+    }
+
+    /// Read a campaign.
+    #[oai(path = "/campaigns/:id", method = "get", tag = "ApiTags::Campaigns")]
+    async fn get(&self, id: Path<String>) -> Result<Json<CampaignView>, Problem> {
+        Ok(Json(self.service.campaign(&id.0).await?.into()))
+    }
+
+    /// A campaign's statistics, from counters kept alongside (no table scans).
+    #[oai(
+        path = "/campaigns/:id/stats",
+        method = "get",
+        tag = "ApiTags::Campaigns"
+    )]
+    async fn stats(&self, id: Path<String>) -> Result<Json<StatsDto>, Problem> {
+        Ok(Json(self.service.stats(&id.0).await?.into()))
+    }
+
+    /// Cancel a campaign before its start.
+    #[oai(
+        path = "/campaigns/:id/cancel",
+        method = "post",
+        tag = "ApiTags::Campaigns"
+    )]
+    async fn cancel(
+        &self,
+        id: Path<String>,
+        body: StrictJson<CancelBody>,
+    ) -> Result<Json<CampaignView>, Problem> {
+        Ok(Json(
+            self.service
+                .cancel(&id.0, body.0.merchant_id.as_deref())
+                .await?
+                .into(),
+        ))
+    }
+
+    /// Grab a packet.
+    ///
+    /// One atomic step in the pool checks the window and state, the user's limit and the
+    /// packets left, takes a packet, records the claim and appends it to the hand-off. The
+    /// answer is immediate; the wallet is credited asynchronously. 409 `limit_reached` lists
+    /// the user's claims in `claims`; 410 `sold_out` or `campaign_ended`; 409
+    /// `campaign_not_started` or `campaign_not_funded`.
+    #[oai(path = "/campaigns/:id/grab", method = "post", tag = "ApiTags::Grab")]
+    async fn grab(
+        &self,
+        id: Path<String>,
+        body: StrictJson<GrabBody>,
+        /// Carried into the hand-off and the saga's messages.
+        #[oai(name = "X-Request-Id")]
+        request_id: Header<Option<String>>,
+    ) -> Result<Json<GrabResult>, Problem> {
+        let request_id = request_id.0.unwrap_or_default();
+        let grabbed = self
+            .service
+            .grab(&id.0, &body.0.user_id, &request_id)
+            .await?;
+        Ok(Json(GrabResult {
+            claim_id: grabbed.claim_id,
+            campaign_id: grabbed.campaign_id.to_string(),
+            amount: grabbed.amount,
+            currency: grabbed.currency,
+            status: crate::store::claim_status::PENDING.to_owned(),
+        }))
+    }
+
+    /// Read a claim (also while it is only in the pool, not yet recorded).
+    #[oai(path = "/claims/:id", method = "get", tag = "ApiTags::Claims")]
+    async fn claim(&self, id: Path<String>) -> Result<Json<ClaimDto>, Problem> {
+        Ok(Json(self.service.claim(&id.0).await?.into()))
+    }
+
+    /// A user's recorded claims, newest first.
+    #[oai(
+        path = "/users/:user_id/claims",
+        method = "get",
+        tag = "ApiTags::Claims"
+    )]
+    async fn user_claims(
+        &self,
+        user_id: Path<String>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Claims per page, 1-200 (default 50).
+        limit: Query<Option<u64>>,
+    ) -> Result<Json<ClaimPage>, Problem> {
+        let limit = page_limit(limit.0)?;
+        let before = claim_cursor(cursor.0.as_deref())?;
+        let claims = self
+            .service
+            .claims_of_user(&user_id.0, before, limit)
+            .await?;
+        Ok(Json(claim_page(claims, limit)))
+    }
+
+    /// A campaign's recorded claims, newest first.
+    #[oai(
+        path = "/campaigns/:id/claims",
+        method = "get",
+        tag = "ApiTags::Claims"
+    )]
+    async fn campaign_claims(
+        &self,
+        id: Path<String>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Claims per page, 1-200 (default 50).
+        limit: Query<Option<u64>>,
+    ) -> Result<Json<ClaimPage>, Problem> {
+        let limit = page_limit(limit.0)?;
+        let before = claim_cursor(cursor.0.as_deref())?;
+        let claims = self
+            .service
+            .claims_of_campaign(&id.0, before, limit)
+            .await?;
+        Ok(Json(claim_page(claims, limit)))
+    }
+
+    /// Mark a campaign funded (`funding` → `scheduled`). Idempotent.
+    #[oai(path = "/campaigns/:id/funded", method = "post", tag = "ApiTags::Saga")]
+    async fn funded(&self, id: Path<String>) -> Result<Json<CampaignView>, Problem> {
+        Ok(Json(self.service.mark_funded(&id.0).await?.into()))
+    }
+
+    /// Mark a campaign rejected (`funding` → `rejected`) with the reason. Idempotent.
+    #[oai(
+        path = "/campaigns/:id/rejected",
+        method = "post",
+        tag = "ApiTags::Saga"
+    )]
+    async fn rejected(
+        &self,
+        id: Path<String>,
+        body: StrictJson<ReasonBody>,
+    ) -> Result<Json<CampaignView>, Problem> {
+        check_reason(&body.0.reason)?;
+        Ok(Json(
+            self.service
+                .mark_rejected(&id.0, &body.0.reason)
+                .await?
+                .into(),
+        ))
+    }
+
+    /// Mark an ended campaign settled with what its refund returned. Idempotent.
+    #[oai(
+        path = "/campaigns/:id/settled",
+        method = "post",
+        tag = "ApiTags::Saga"
+    )]
+    async fn settled(
+        &self,
+        id: Path<String>,
+        body: StrictJson<SettleBody>,
+    ) -> Result<Json<CampaignView>, Problem> {
+        if body.0.amount_refunded < 0 {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                "amount_refunded must not be negative",
+            )
+            .with_field("amount_refunded"));
+        }
+        Ok(Json(
+            self.service
+                .settle(&id.0, body.0.amount_refunded)
+                .await?
+                .into(),
+        ))
+    }
+
+    /// Record a claim from the hand-off. Idempotent by claim id.
+    #[oai(path = "/claims/:id/record", method = "post", tag = "ApiTags::Saga")]
+    async fn record(
+        &self,
+        id: Path<String>,
+        body: StrictJson<RecordClaimBody>,
+    ) -> Result<Json<ClaimDto>, Problem> {
+        let body = body.0;
+        let campaign_id = crate::service::parse_campaign_id(&body.campaign_id)?;
+        let user_id = parse_owner_id("user_id", &body.user_id)?;
+        let claim = self
+            .service
+            .record_claim(ClaimRecord {
+                id: id.0,
+                campaign_id,
+                user_id,
+                seq: body.packet_seq,
+                amount: body.amount,
+                currency: body.currency,
+                grabbed_at_ms: body.grabbed_at_ms,
+                request_id: body.request_id,
+            })
+            .await?;
+        Ok(Json(claim.into()))
+    }
+
+    /// Mark a recorded claim credited. Idempotent.
+    #[oai(path = "/claims/:id/credited", method = "post", tag = "ApiTags::Saga")]
+    async fn credited(&self, id: Path<String>) -> Result<Json<ClaimDto>, Problem> {
+        Ok(Json(self.service.mark_credited(&id.0).await?.into()))
+    }
+
+    /// Compensate a recorded claim: its packet returns to the pool while the campaign is live,
+    /// else to the refund. Idempotent.
+    #[oai(
+        path = "/claims/:id/compensated",
+        method = "post",
+        tag = "ApiTags::Saga"
+    )]
+    async fn compensated(
+        &self,
+        id: Path<String>,
+        body: StrictJson<ReasonBody>,
+    ) -> Result<Json<ClaimDto>, Problem> {
+        check_reason(&body.0.reason)?;
+        Ok(Json(
+            self.service
+                .mark_compensated(&id.0, &body.0.reason)
+                .await?
+                .into(),
+        ))
+    }
+}

@@ -1,0 +1,612 @@
+//! The packet pool: where a live campaign's packets wait to be grabbed, and the grab's commit
+//! point.
+//!
+//! [`PacketPool`] is the port; [`RedisPool`] implements it with one atomic Lua script per grab.
+//! All keys of a campaign share the hash tag `{c:ID}`, so every script touches one slot.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{c:ID}:meta` | hash | `state`, `starts`, `ends`, `limit`, `currency`, `cid`, `left`, `left_amount` |
+//! | `P:{c:ID}:b:K` | list | bucket K's packets as `seq:amount` (packet `seq` is in bucket `seq % buckets`) |
+//! | `P:{c:ID}:u:K` | hash | user → `claim:amount[,claim:amount…]` for users whose home bucket is K |
+//! | `P:{c:ID}:pending` | hash | claim → `user:seq:amount:grabbed_at_ms`, until the claim is recorded in the database |
+//! | `P:{c:ID}:h:K` | stream | the hand-off: one entry per grab from bucket K, read by the relay |
+//! | `P:{c:ID}:ret` | hash | claim → `1`/`0`: whether a compensated claim's packet went back to the pool |
+//! | `P:handoff:streams` | set | every hand-off stream, for the relay to find |
+//!
+//! A user's home bucket is `fnv1a(user) % buckets`; the grab pops from it first and moves on
+//! to the next buckets when it is empty. The user's claims are always recorded in the home
+//! bucket's hash, so the per-user limit is exact whichever bucket the packet came from.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+/// Packets pushed per command when loading a pool.
+const LOAD_CHUNK: usize = 10_000;
+
+/// What the pool needs to know about a campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCampaign {
+    pub id: i64,
+    pub currency: String,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+    pub per_user_limit: u32,
+    pub buckets: u32,
+}
+
+/// The answer of the commit point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrabOutcome {
+    /// A packet is the user's; the claim is in the hand-off.
+    Granted {
+        seq: u32,
+        amount: i64,
+        currency: String,
+        /// This grab took the last packet: the campaign is exhausted.
+        last: bool,
+    },
+    /// The pool has not been loaded (not funded, or not yet near its start).
+    NotLoaded,
+    NotStarted,
+    Ended,
+    SoldOut,
+    Cancelled,
+    /// The user already holds `per_user_limit` claims: `(claim id, amount)` of each.
+    LimitReached {
+        claims: Vec<(String, i64)>,
+    },
+}
+
+/// The pool's view of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    pub state: String,
+    pub packets_left: i64,
+    pub amount_left: i64,
+}
+
+/// The outcome of cancelling in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Not loaded: the database alone decides.
+    NotLoaded,
+    Cancelled,
+    /// The start has passed: too late to cancel.
+    AlreadyStarted,
+}
+
+/// A claim granted by the pool and not yet recorded in the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingClaim {
+    pub claim_id: String,
+    pub user_id: String,
+    pub seq: u32,
+    pub amount: i64,
+    pub grabbed_at_ms: i64,
+}
+
+/// A failure of the pool's backing store.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the pool answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Where live packets are kept and grabbed. The campaign service does not know which
+/// implementation it runs on.
+#[async_trait::async_trait]
+pub trait PacketPool: Send + Sync + std::fmt::Debug {
+    /// Loads the packets (`packets[seq]` is packet `seq`'s amount) unless the pool is already
+    /// loaded; returns whether it loaded them now.
+    async fn load(&self, campaign: &PoolCampaign, packets: &[i64]) -> Result<bool, PoolError>;
+
+    /// The atomic grab: window, state, per-user limit, pop, claim record and hand-off entry.
+    async fn grab(
+        &self,
+        campaign: &PoolCampaign,
+        user_id: &str,
+        claim_id: &str,
+        now_ms: i64,
+        request_id: &str,
+    ) -> Result<GrabOutcome, PoolError>;
+
+    /// The pool's counters, or `None` when not loaded.
+    async fn snapshot(&self, campaign_id: i64) -> Result<Option<PoolSnapshot>, PoolError>;
+
+    /// Cancels before the start, atomically with respect to grabs.
+    async fn cancel(
+        &self,
+        campaign: &PoolCampaign,
+        now_ms: i64,
+    ) -> Result<CancelOutcome, PoolError>;
+
+    /// Stops grabs for good (the end passed) and returns the final counters.
+    async fn close(&self, campaign_id: i64) -> Result<Option<PoolSnapshot>, PoolError>;
+
+    /// Puts a compensated claim's packet back while the campaign is live; once it ended the
+    /// packet stays out (the refund returns its money). Idempotent per claim: a retry answers
+    /// what the first call did. Returns whether the packet went back to the pool.
+    async fn return_packet(
+        &self,
+        campaign: &PoolCampaign,
+        claim_id: &str,
+        seq: u32,
+        amount: i64,
+    ) -> Result<bool, PoolError>;
+
+    /// A granted claim not yet recorded in the database.
+    async fn pending_claim(
+        &self,
+        campaign_id: i64,
+        claim_id: &str,
+    ) -> Result<Option<PendingClaim>, PoolError>;
+
+    /// Drops the pending copy once the claim is in the database.
+    async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), PoolError>;
+}
+
+/// FNV-1a: a stable hash for a user's home bucket (the same in every process and version).
+pub fn home_bucket(user_id: &str, buckets: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in user_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    u32::try_from(hash % u64::from(buckets.max(1))).unwrap_or(0)
+}
+
+const GRAB_SCRIPT: &str = r"
+-- KEYS: meta, home users hash, pending, B buckets (home first), B streams (same order)
+-- ARGV: user, now_ms, claim_id, request_id
+local m = redis.call('HMGET', KEYS[1], 'state', 'starts', 'ends', 'limit', 'currency', 'cid')
+local state = m[1]
+if not state then return {'not_loaded'} end
+if state == 'cancelled' then return {'cancelled'} end
+if state == 'expired' then return {'ended'} end
+local now = tonumber(ARGV[2])
+if now < tonumber(m[2]) then return {'not_started'} end
+if now >= tonumber(m[3]) then return {'ended'} end
+local mine = redis.call('HGET', KEYS[2], ARGV[1])
+if mine then
+  local _, commas = string.gsub(mine, ',', ',')
+  if commas + 1 >= tonumber(m[4]) then return {'limit', mine} end
+end
+if state == 'exhausted' then return {'sold_out'} end
+local b = (#KEYS - 3) / 2
+for i = 1, b do
+  local packet = redis.call('LPOP', KEYS[3 + i])
+  if packet then
+    local sep = string.find(packet, ':', 1, true)
+    local seq = string.sub(packet, 1, sep - 1)
+    local amount = string.sub(packet, sep + 1)
+    local entry = ARGV[3] .. ':' .. amount
+    if mine then entry = mine .. ',' .. entry end
+    redis.call('HSET', KEYS[2], ARGV[1], entry)
+    redis.call('HSET', KEYS[3], ARGV[3], ARGV[1] .. ':' .. seq .. ':' .. amount .. ':' .. ARGV[2])
+    redis.call('XADD', KEYS[3 + b + i], '*', 'claim', ARGV[3], 'campaign', m[6], 'user', ARGV[1],
+      'seq', seq, 'amount', amount, 'currency', m[5], 'at', ARGV[2], 'rid', ARGV[4])
+    local left = redis.call('HINCRBY', KEYS[1], 'left', -1)
+    redis.call('HINCRBY', KEYS[1], 'left_amount', '-' .. amount)
+    local last = '0'
+    if left <= 0 then
+      redis.call('HSET', KEYS[1], 'state', 'exhausted')
+      last = '1'
+    end
+    return {'ok', seq, amount, m[5], last}
+  end
+end
+redis.call('HSET', KEYS[1], 'state', 'exhausted')
+return {'sold_out'}
+";
+
+const LOAD_META_SCRIPT: &str = r"
+-- KEYS: meta, stream registry, streams...; ARGV: field/value pairs of meta
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+for i = 3, #KEYS do redis.call('SADD', KEYS[2], KEYS[i]) end
+return 1
+";
+
+const CANCEL_SCRIPT: &str = r"
+-- KEYS: meta; ARGV: now_ms
+local m = redis.call('HMGET', KEYS[1], 'state', 'starts')
+if not m[1] then return 'not_loaded' end
+if m[1] == 'cancelled' then return 'cancelled' end
+if tonumber(ARGV[1]) >= tonumber(m[2]) or m[1] ~= 'scheduled' then return 'started' end
+redis.call('HSET', KEYS[1], 'state', 'cancelled')
+return 'cancelled'
+";
+
+const CLOSE_SCRIPT: &str = r"
+-- KEYS: meta
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state == 'scheduled' or state == 'active' then
+  redis.call('HSET', KEYS[1], 'state', 'expired')
+end
+return redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount')
+";
+
+const RETURN_SCRIPT: &str = r"
+-- KEYS: meta, ret, bucket, pending; ARGV: claim, 'seq:amount', amount, now_ms
+local done = redis.call('HGET', KEYS[2], ARGV[1])
+if done then return done end
+redis.call('HDEL', KEYS[4], ARGV[1])
+local m = redis.call('HMGET', KEYS[1], 'state', 'ends')
+local live = m[1] and (m[1] == 'scheduled' or m[1] == 'active') and tonumber(ARGV[4]) < tonumber(m[2])
+if not live then
+  redis.call('HSET', KEYS[2], ARGV[1], '0')
+  return '0'
+end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'left', 1)
+redis.call('HINCRBY', KEYS[1], 'left_amount', ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], '1')
+return '1'
+";
+
+/// The key names of one campaign, computed once.
+#[derive(Debug)]
+struct CampaignKeys {
+    meta: String,
+    pending: String,
+    returned: String,
+    users: Vec<String>,
+    buckets: Vec<String>,
+    streams: Vec<String>,
+}
+
+/// The packet pool on Redis.
+#[derive(Clone)]
+pub struct RedisPool {
+    connection: ConnectionManager,
+    prefix: Arc<str>,
+    keys: Arc<RwLock<HashMap<i64, Arc<CampaignKeys>>>>,
+    grab_script: Arc<Script>,
+    load_meta_script: Arc<Script>,
+    cancel_script: Arc<Script>,
+    close_script: Arc<Script>,
+    return_script: Arc<Script>,
+}
+
+impl std::fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPool")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPool {
+    /// Connects (the connection reconnects by itself) with every key under `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, PoolError> {
+        let client = redis::Client::open(url)?;
+        let connection = client.get_connection_manager().await?;
+        Ok(RedisPool {
+            connection,
+            prefix: prefix.into(),
+            keys: Arc::default(),
+            grab_script: Arc::new(Script::new(GRAB_SCRIPT)),
+            load_meta_script: Arc::new(Script::new(LOAD_META_SCRIPT)),
+            cancel_script: Arc::new(Script::new(CANCEL_SCRIPT)),
+            close_script: Arc::new(Script::new(CLOSE_SCRIPT)),
+            return_script: Arc::new(Script::new(RETURN_SCRIPT)),
+        })
+    }
+
+    /// The key of the set listing every hand-off stream.
+    pub fn stream_registry_key(&self) -> String {
+        format!("{}:handoff:streams", self.prefix)
+    }
+
+    /// The hand-off stream of a campaign's bucket.
+    pub fn stream_key(&self, campaign_id: i64, bucket: u32) -> String {
+        format!("{}:{{c:{campaign_id}}}:h:{bucket}", self.prefix)
+    }
+
+    /// A connection for callers that read the pool's keys directly (relay, tests, benches).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// The grab script's source, for measuring it alone.
+    pub fn grab_script_source() -> &'static str {
+        GRAB_SCRIPT
+    }
+
+    /// The keys a grab by `user_id` passes to the script, home bucket first.
+    pub fn grab_keys(&self, campaign_id: i64, buckets: u32, user_id: &str) -> Vec<String> {
+        let keys = self.keys_of(campaign_id, buckets);
+        let home = usize::try_from(home_bucket(user_id, buckets)).unwrap_or(0);
+        let count = keys.buckets.len();
+        let mut out = Vec::with_capacity(3 + 2 * count);
+        out.push(keys.meta.clone());
+        out.push(keys.users[home].clone());
+        out.push(keys.pending.clone());
+        out.extend((0..count).map(|i| keys.buckets[(home + i) % count].clone()));
+        out.extend((0..count).map(|i| keys.streams[(home + i) % count].clone()));
+        out
+    }
+
+    fn keys_of(&self, campaign_id: i64, buckets: u32) -> Arc<CampaignKeys> {
+        if let Some(keys) = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&campaign_id)
+        {
+            return keys.clone();
+        }
+        let base = format!("{}:{{c:{campaign_id}}}", self.prefix);
+        let per_bucket = |kind: &str| {
+            (0..buckets.max(1))
+                .map(|k| format!("{base}:{kind}:{k}"))
+                .collect::<Vec<_>>()
+        };
+        let keys = Arc::new(CampaignKeys {
+            meta: format!("{base}:meta"),
+            pending: format!("{base}:pending"),
+            returned: format!("{base}:ret"),
+            users: per_bucket("u"),
+            buckets: per_bucket("b"),
+            streams: per_bucket("h"),
+        });
+        let mut cache = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        // Bounded: campaigns are few next to grabs; drop the cache rather than grow forever.
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(campaign_id, keys.clone());
+        keys
+    }
+
+    fn meta_key(&self, campaign_id: i64) -> String {
+        format!("{}:{{c:{campaign_id}}}:meta", self.prefix)
+    }
+}
+
+fn parse_i64(text: &str) -> Result<i64, PoolError> {
+    text.parse()
+        .map_err(|_| PoolError::Protocol(format!("`{text}` is not an integer")))
+}
+
+#[async_trait::async_trait]
+impl PacketPool for RedisPool {
+    async fn load(&self, campaign: &PoolCampaign, packets: &[i64]) -> Result<bool, PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let mut connection = self.connection.clone();
+        if connection.exists::<_, bool>(&keys.meta).await? {
+            return Ok(false);
+        }
+        // Leftovers of a loader that died before writing the meta hash: no grab can have
+        // touched them (grabs need the meta hash), so they are safe to drop.
+        let _: () = connection.del(&keys.buckets).await?;
+        let bucket_count = keys.buckets.len();
+        let mut per_bucket: Vec<Vec<String>> = vec![Vec::new(); bucket_count];
+        for (seq, amount) in packets.iter().enumerate() {
+            per_bucket[seq % bucket_count].push(format!("{seq}:{amount}"));
+        }
+        for (bucket, items) in keys.buckets.iter().zip(per_bucket) {
+            let mut pipeline = redis::pipe();
+            for chunk in items.chunks(LOAD_CHUNK) {
+                pipeline.rpush(bucket, chunk).ignore();
+            }
+            let _: () = pipeline.query_async(&mut connection).await?;
+        }
+        let total: i64 = packets.iter().sum();
+        let mut invocation = self.load_meta_script.key(&keys.meta);
+        invocation.key(self.stream_registry_key());
+        for stream in &keys.streams {
+            invocation.key(stream);
+        }
+        invocation
+            .arg("state")
+            .arg("scheduled")
+            .arg("starts")
+            .arg(campaign.starts_at_ms)
+            .arg("ends")
+            .arg(campaign.ends_at_ms)
+            .arg("limit")
+            .arg(campaign.per_user_limit)
+            .arg("currency")
+            .arg(&campaign.currency)
+            .arg("cid")
+            .arg(campaign.id)
+            .arg("left")
+            .arg(packets.len())
+            .arg("left_amount")
+            .arg(total);
+        let loaded: i64 = invocation.invoke_async(&mut connection).await?;
+        Ok(loaded == 1)
+    }
+
+    async fn grab(
+        &self,
+        campaign: &PoolCampaign,
+        user_id: &str,
+        claim_id: &str,
+        now_ms: i64,
+        request_id: &str,
+    ) -> Result<GrabOutcome, PoolError> {
+        let keys = self.grab_keys(campaign.id, campaign.buckets, user_id);
+        let mut invocation = self.grab_script.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(user_id)
+            .arg(now_ms)
+            .arg(claim_id)
+            .arg(request_id);
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        let word = reply.first().map(String::as_str).unwrap_or_default();
+        Ok(match word {
+            "ok" if reply.len() == 5 => GrabOutcome::Granted {
+                seq: reply[1]
+                    .parse()
+                    .map_err(|_| PoolError::Protocol(reply.join(" ")))?,
+                amount: parse_i64(&reply[2])?,
+                currency: reply[3].clone(),
+                last: reply[4] == "1",
+            },
+            "not_loaded" => GrabOutcome::NotLoaded,
+            "not_started" => GrabOutcome::NotStarted,
+            "ended" => GrabOutcome::Ended,
+            "sold_out" => GrabOutcome::SoldOut,
+            "cancelled" => GrabOutcome::Cancelled,
+            "limit" if reply.len() == 2 => GrabOutcome::LimitReached {
+                claims: reply[1]
+                    .split(',')
+                    .filter_map(|pair| {
+                        let (claim, amount) = pair.split_once(':')?;
+                        Some((claim.to_owned(), amount.parse().ok()?))
+                    })
+                    .collect(),
+            },
+            _ => return Err(PoolError::Protocol(reply.join(" "))),
+        })
+    }
+
+    async fn snapshot(&self, campaign_id: i64) -> Result<Option<PoolSnapshot>, PoolError> {
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.meta_key(campaign_id))
+            .arg("state")
+            .arg("left")
+            .arg("left_amount")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        snapshot_of(&fields)
+    }
+
+    async fn cancel(
+        &self,
+        campaign: &PoolCampaign,
+        now_ms: i64,
+    ) -> Result<CancelOutcome, PoolError> {
+        let reply: String = self
+            .cancel_script
+            .key(self.meta_key(campaign.id))
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        match reply.as_str() {
+            "not_loaded" => Ok(CancelOutcome::NotLoaded),
+            "cancelled" => Ok(CancelOutcome::Cancelled),
+            "started" => Ok(CancelOutcome::AlreadyStarted),
+            other => Err(PoolError::Protocol(other.to_owned())),
+        }
+    }
+
+    async fn close(&self, campaign_id: i64) -> Result<Option<PoolSnapshot>, PoolError> {
+        let reply: Option<Vec<Option<String>>> = self
+            .close_script
+            .key(self.meta_key(campaign_id))
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        match reply {
+            Some(fields) => snapshot_of(&fields),
+            None => Ok(None),
+        }
+    }
+
+    async fn return_packet(
+        &self,
+        campaign: &PoolCampaign,
+        claim_id: &str,
+        seq: u32,
+        amount: i64,
+    ) -> Result<bool, PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let bucket = &keys.buckets[usize::try_from(seq).unwrap_or(0) % keys.buckets.len()];
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let reply: String = self
+            .return_script
+            .key(&keys.meta)
+            .key(&keys.returned)
+            .key(bucket)
+            .key(&keys.pending)
+            .arg(claim_id)
+            .arg(format!("{seq}:{amount}"))
+            .arg(amount)
+            .arg(now_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(reply == "1")
+    }
+
+    async fn pending_claim(
+        &self,
+        campaign_id: i64,
+        claim_id: &str,
+    ) -> Result<Option<PendingClaim>, PoolError> {
+        let key = format!("{}:{{c:{campaign_id}}}:pending", self.prefix);
+        let value: Option<String> = self.connection.clone().hget(key, claim_id).await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = value.split(':').collect();
+        if parts.len() != 4 {
+            return Err(PoolError::Protocol(value));
+        }
+        Ok(Some(PendingClaim {
+            claim_id: claim_id.to_owned(),
+            user_id: parts[0].to_owned(),
+            seq: parts[1]
+                .parse()
+                .map_err(|_| PoolError::Protocol(value.clone()))?,
+            amount: parse_i64(parts[2])?,
+            grabbed_at_ms: parse_i64(parts[3])?,
+        }))
+    }
+
+    async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError> {
+        let key = format!("{}:{{c:{campaign_id}}}:pending", self.prefix);
+        let _: () = self.connection.clone().hdel(key, claim_id).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), PoolError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+fn snapshot_of(fields: &[Option<String>]) -> Result<Option<PoolSnapshot>, PoolError> {
+    match fields {
+        [Some(state), Some(left), Some(amount)] => Ok(Some(PoolSnapshot {
+            state: state.clone(),
+            packets_left: parse_i64(left)?,
+            amount_left: parse_i64(amount)?,
+        })),
+        [None, ..] => Ok(None),
+        other => Err(PoolError::Protocol(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::home_bucket;
+
+    #[test]
+    fn home_buckets_are_stable_and_in_range() {
+        assert_eq!(home_bucket("alice", 8), home_bucket("alice", 8));
+        assert!((0..1000).all(|i| home_bucket(&format!("user-{i}"), 8) < 8));
+        assert_eq!(home_bucket("anyone", 1), 0);
+        let used: std::collections::HashSet<u32> =
+            (0..1000).map(|i| home_bucket(&i.to_string(), 8)).collect();
+        assert_eq!(used.len(), 8, "users spread over every bucket");
+    }
+}

@@ -1,0 +1,677 @@
+//! The campaign database: campaigns, packets, claims, counters and the event outbox.
+
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+
+use crate::entity::{campaign, claim, event, packet, stats};
+
+/// Packet rows per multi-row insert: 3 columns × 5,000 rows stays under every backend's
+/// bound on bind parameters (SQLite's 32,766 being the lowest).
+const PACKET_INSERT_ROWS: usize = 5_000;
+
+/// Lifecycle states.
+pub mod status {
+    pub const FUNDING: &str = "funding";
+    pub const SCHEDULED: &str = "scheduled";
+    pub const ACTIVE: &str = "active";
+    pub const EXHAUSTED: &str = "exhausted";
+    pub const EXPIRED: &str = "expired";
+    pub const SETTLED: &str = "settled";
+    pub const CANCELLED: &str = "cancelled";
+    pub const REJECTED: &str = "rejected";
+}
+
+/// Pool states of a campaign row.
+pub mod pool_state {
+    pub const NONE: &str = "none";
+    pub const LOADING: &str = "loading";
+    pub const LOADED: &str = "loaded";
+    pub const CLOSED: &str = "closed";
+}
+
+/// Claim states.
+pub mod claim_status {
+    pub const PENDING: &str = "pending";
+    pub const CREDITED: &str = "credited";
+    pub const COMPENSATED: &str = "compensated";
+}
+
+/// Event kinds of the outbox.
+pub mod event_kind {
+    /// A campaign waits for its funding saga.
+    pub const CREATED: &str = "campaign.created";
+    /// A campaign ended (exhausted, expired or cancelled): its refund saga may run.
+    pub const ENDED: &str = "campaign.ended";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("idempotency key `{0}` was used with another request")]
+    IdempotencyConflict(String),
+    #[error("claim `{0}` is {1}; it cannot become {2}")]
+    ClaimState(String, String, &'static str),
+    #[error("claim `{0}` does not match its packet or its earlier record")]
+    ClaimMismatch(String),
+    #[error("campaign {0} does not exist")]
+    UnknownCampaign(i64),
+}
+
+/// The result of a create with an idempotency key.
+#[derive(Debug)]
+pub enum Created {
+    New(campaign::Model),
+    /// The same key and body were seen before: the original campaign.
+    Existing(campaign::Model),
+}
+
+/// A claim as handed off by the pool, to record.
+#[derive(Debug, Clone)]
+pub struct ClaimRecord {
+    pub id: String,
+    pub campaign_id: i64,
+    pub user_id: String,
+    pub seq: u32,
+    pub amount: i64,
+    pub currency: String,
+    pub grabbed_at_ms: i64,
+    pub request_id: Option<String>,
+}
+
+/// The campaign database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+fn is_unique_violation(err: &DbErr) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    text.contains("unique") || text.contains("duplicate")
+}
+
+impl Store {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Store { db }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Creates a campaign with its packets, counters and `campaign.created` event in one
+    /// transaction; with an idempotency key, a repeat answers the original.
+    pub async fn create(
+        &self,
+        model: campaign::Model,
+        packets: &[i64],
+        event_id: i64,
+    ) -> Result<Created, StoreError> {
+        if let Some(existing) = self.by_idempotency_key(&model).await? {
+            return Ok(existing);
+        }
+        match self.insert_campaign(&model, packets, event_id).await {
+            Ok(()) => Ok(Created::New(model)),
+            // Two creates with the same key raced: the loser answers like a repeat.
+            Err(StoreError::Db(err)) if is_unique_violation(&err) => self
+                .by_idempotency_key(&model)
+                .await?
+                .ok_or(StoreError::Db(err)),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn by_idempotency_key(
+        &self,
+        model: &campaign::Model,
+    ) -> Result<Option<Created>, StoreError> {
+        let Some(key) = &model.idempotency_key else {
+            return Ok(None);
+        };
+        let existing = campaign::Entity::find()
+            .filter(campaign::Column::MerchantId.eq(&model.merchant_id))
+            .filter(campaign::Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?;
+        match existing {
+            Some(existing) if existing.request_hash == model.request_hash => {
+                Ok(Some(Created::Existing(existing)))
+            }
+            Some(_) => Err(StoreError::IdempotencyConflict(key.clone())),
+            None => Ok(None),
+        }
+    }
+
+    async fn insert_campaign(
+        &self,
+        model: &campaign::Model,
+        packets: &[i64],
+        event_id: i64,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin().await?;
+        campaign::Entity::insert(campaign_active_model(model))
+            .exec_without_returning(&txn)
+            .await?;
+        for (chunk_index, chunk) in packets.chunks(PACKET_INSERT_ROWS).enumerate() {
+            let first = chunk_index * PACKET_INSERT_ROWS;
+            packet::Entity::insert_many(chunk.iter().enumerate().map(|(offset, amount)| {
+                packet::ActiveModel {
+                    campaign_id: Set(model.id),
+                    seq: Set(i32::try_from(first + offset).unwrap_or(i32::MAX)),
+                    amount: Set(*amount),
+                }
+            }))
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        stats::Entity::insert(stats::ActiveModel {
+            campaign_id: Set(model.id),
+            packets_recorded: Set(0),
+            amount_recorded: Set(0),
+            packets_credited: Set(0),
+            amount_credited: Set(0),
+            packets_compensated: Set(0),
+            amount_compensated: Set(0),
+            packets_returned: Set(0),
+            amount_returned: Set(0),
+            packets_remaining_final: Set(None),
+            amount_remaining_final: Set(None),
+            amount_refunded: Set(0),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        insert_event(
+            &txn,
+            event_id,
+            model,
+            event_kind::CREATED,
+            model.created_at_ms,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn campaign(&self, id: i64) -> Result<Option<campaign::Model>, StoreError> {
+        Ok(campaign::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// A merchant's campaigns, newest first, with ids below `before`.
+    pub async fn campaigns_of(
+        &self,
+        merchant_id: &str,
+        before: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<campaign::Model>, StoreError> {
+        let mut query =
+            campaign::Entity::find().filter(campaign::Column::MerchantId.eq(merchant_id));
+        if let Some(before) = before {
+            query = query.filter(campaign::Column::Id.lt(before));
+        }
+        Ok(query
+            .order_by_desc(campaign::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Campaigns the lifecycle has to watch.
+    pub async fn live_campaigns(&self) -> Result<Vec<campaign::Model>, StoreError> {
+        Ok(campaign::Entity::find()
+            .filter(campaign::Column::Status.is_in([status::SCHEDULED, status::ACTIVE]))
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Moves a campaign from one of `from` to `to`, with an optional outbox event, in one
+    /// transaction. Returns false when the campaign was not in any of `from`.
+    pub async fn transition(
+        &self,
+        id: i64,
+        from: &[&str],
+        to: &str,
+        reason: Option<String>,
+        event: Option<(i64, &'static str)>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin().await?;
+        let mut update = campaign::Entity::update_many()
+            .col_expr(campaign::Column::Status, Expr::value(to))
+            .col_expr(campaign::Column::UpdatedAtMs, Expr::value(now_ms));
+        if let Some(reason) = reason {
+            update = update.col_expr(campaign::Column::StatusReason, Expr::value(reason));
+        }
+        let result = update
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::Status.is_in(from.iter().copied()))
+            .exec(&txn)
+            .await?;
+        if result.rows_affected == 0 {
+            return Ok(false);
+        }
+        if let Some((event_id, kind)) = event {
+            let model = campaign::Entity::find_by_id(id)
+                .one(&txn)
+                .await?
+                .ok_or(StoreError::UnknownCampaign(id))?;
+            insert_event(&txn, event_id, &model, kind, now_ms).await?;
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// Claims the right to load a campaign's pool: only one process wins, and a loader that
+    /// has not finished within `stale_after_ms` may be replaced.
+    pub async fn claim_pool_load(
+        &self,
+        id: i64,
+        now_ms: i64,
+        stale_after_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let result = campaign::Entity::update_many()
+            .col_expr(
+                campaign::Column::PoolState,
+                Expr::value(pool_state::LOADING),
+            )
+            .col_expr(campaign::Column::PoolClaimedAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::Status.is_in([status::SCHEDULED, status::ACTIVE]))
+            .filter(
+                campaign::Column::PoolState
+                    .eq(pool_state::NONE)
+                    .or(campaign::Column::PoolState
+                        .eq(pool_state::LOADING)
+                        .and(campaign::Column::PoolClaimedAtMs.lt(now_ms - stale_after_ms))),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected == 1)
+    }
+
+    pub async fn set_pool_state(&self, id: i64, state: &str) -> Result<(), StoreError> {
+        campaign::Entity::update_many()
+            .col_expr(campaign::Column::PoolState, Expr::value(state))
+            .filter(campaign::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The packets of a campaign in `seq` order.
+    pub async fn packets(&self, id: i64) -> Result<Vec<i64>, StoreError> {
+        Ok(packet::Entity::find()
+            .select_only()
+            .column(packet::Column::Amount)
+            .filter(packet::Column::CampaignId.eq(id))
+            .order_by_asc(packet::Column::Seq)
+            .into_tuple::<i64>()
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Remembers what was left in the pool when the campaign ended.
+    pub async fn finalize_remaining(
+        &self,
+        id: i64,
+        packets_left: i64,
+        amount_left: i64,
+    ) -> Result<(), StoreError> {
+        stats::Entity::update_many()
+            .col_expr(
+                stats::Column::PacketsRemainingFinal,
+                Expr::value(packets_left),
+            )
+            .col_expr(
+                stats::Column::AmountRemainingFinal,
+                Expr::value(amount_left),
+            )
+            .filter(stats::Column::CampaignId.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn stats(&self, id: i64) -> Result<Option<stats::Model>, StoreError> {
+        Ok(stats::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// Records the refund of a settled campaign.
+    pub async fn settle(
+        &self,
+        id: i64,
+        amount_refunded: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin().await?;
+        let moved = campaign::Entity::update_many()
+            .col_expr(campaign::Column::Status, Expr::value(status::SETTLED))
+            .col_expr(campaign::Column::UpdatedAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::Status.is_in([
+                status::EXHAUSTED,
+                status::EXPIRED,
+                status::CANCELLED,
+            ]))
+            .exec(&txn)
+            .await?;
+        if moved.rows_affected == 1 {
+            stats::Entity::update_many()
+                .col_expr(stats::Column::AmountRefunded, Expr::value(amount_refunded))
+                .filter(stats::Column::CampaignId.eq(id))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(moved.rows_affected == 1)
+    }
+
+    /// Records a claim once; a repeat answers the stored claim.
+    pub async fn record_claim(&self, record: &ClaimRecord) -> Result<claim::Model, StoreError> {
+        if let Some(existing) = self.claim(&record.id).await? {
+            let same = existing.campaign_id == record.campaign_id
+                && existing.user_id == record.user_id
+                && existing.packet_seq == i32::try_from(record.seq).unwrap_or(i32::MAX)
+                && existing.amount == record.amount;
+            return if same {
+                Ok(existing)
+            } else {
+                Err(StoreError::ClaimMismatch(record.id.clone()))
+            };
+        }
+        let packet = packet::Entity::find_by_id((
+            record.campaign_id,
+            i32::try_from(record.seq).unwrap_or(i32::MAX),
+        ))
+        .one(&self.db)
+        .await?;
+        if packet.is_none_or(|packet| packet.amount != record.amount) {
+            return Err(StoreError::ClaimMismatch(record.id.clone()));
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let model = claim::Model {
+            id: record.id.clone(),
+            campaign_id: record.campaign_id,
+            user_id: record.user_id.clone(),
+            packet_seq: i32::try_from(record.seq).unwrap_or(i32::MAX),
+            amount: record.amount,
+            currency: record.currency.clone(),
+            status: claim_status::PENDING.to_owned(),
+            reason: None,
+            request_id: record.request_id.clone(),
+            grabbed_at_ms: record.grabbed_at_ms,
+            recorded_at_ms: now_ms,
+            credited_at_ms: None,
+            compensated_at_ms: None,
+            returned_to_pool: false,
+        };
+        let txn = self.db.begin().await?;
+        let inserted = claim::Entity::insert(claim_active_model(&model))
+            .on_conflict(
+                OnConflict::column(claim::Column::Id)
+                    .do_nothing_on([claim::Column::Id])
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+        if inserted == 1 {
+            bump(
+                &txn,
+                record.campaign_id,
+                stats::Column::PacketsRecorded,
+                stats::Column::AmountRecorded,
+                record.amount,
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        self.claim(&record.id)
+            .await?
+            .ok_or_else(|| StoreError::ClaimMismatch(record.id.clone()))
+    }
+
+    pub async fn claim(&self, id: &str) -> Result<Option<claim::Model>, StoreError> {
+        Ok(claim::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// `pending` → `credited`; already credited is a no-op.
+    pub async fn mark_credited(&self, id: &str, now_ms: i64) -> Result<claim::Model, StoreError> {
+        self.finish_claim(id, claim_status::CREDITED, None, false, now_ms)
+            .await
+    }
+
+    /// `pending` → `compensated` with the reason; already compensated is a no-op.
+    pub async fn mark_compensated(
+        &self,
+        id: &str,
+        reason: &str,
+        returned_to_pool: bool,
+        now_ms: i64,
+    ) -> Result<claim::Model, StoreError> {
+        self.finish_claim(
+            id,
+            claim_status::COMPENSATED,
+            Some(reason),
+            returned_to_pool,
+            now_ms,
+        )
+        .await
+    }
+
+    async fn finish_claim(
+        &self,
+        id: &str,
+        to: &'static str,
+        reason: Option<&str>,
+        returned_to_pool: bool,
+        now_ms: i64,
+    ) -> Result<claim::Model, StoreError> {
+        let current = self
+            .claim(id)
+            .await?
+            .ok_or_else(|| StoreError::ClaimState(id.to_owned(), "unrecorded".into(), to))?;
+        if current.status == to {
+            return Ok(current);
+        }
+        if current.status != claim_status::PENDING {
+            return Err(StoreError::ClaimState(id.to_owned(), current.status, to));
+        }
+        let txn = self.db.begin().await?;
+        let mut update = claim::Entity::update_many()
+            .col_expr(claim::Column::Status, Expr::value(to))
+            .filter(claim::Column::Id.eq(id))
+            .filter(claim::Column::Status.eq(claim_status::PENDING));
+        update = if to == claim_status::CREDITED {
+            update.col_expr(claim::Column::CreditedAtMs, Expr::value(now_ms))
+        } else {
+            update
+                .col_expr(claim::Column::CompensatedAtMs, Expr::value(now_ms))
+                .col_expr(
+                    claim::Column::Reason,
+                    Expr::value(reason.map(str::to_owned)),
+                )
+                .col_expr(claim::Column::ReturnedToPool, Expr::value(returned_to_pool))
+        };
+        let result = update.exec(&txn).await?;
+        if result.rows_affected == 1 {
+            let (packets, amount) = if to == claim_status::CREDITED {
+                (
+                    stats::Column::PacketsCredited,
+                    stats::Column::AmountCredited,
+                )
+            } else {
+                (
+                    stats::Column::PacketsCompensated,
+                    stats::Column::AmountCompensated,
+                )
+            };
+            bump(&txn, current.campaign_id, packets, amount, current.amount).await?;
+            if returned_to_pool {
+                bump(
+                    &txn,
+                    current.campaign_id,
+                    stats::Column::PacketsReturned,
+                    stats::Column::AmountReturned,
+                    current.amount,
+                )
+                .await?;
+            }
+        }
+        txn.commit().await?;
+        let after = self
+            .claim(id)
+            .await?
+            .ok_or_else(|| StoreError::ClaimState(id.to_owned(), "unrecorded".into(), to))?;
+        if after.status != to {
+            return Err(StoreError::ClaimState(id.to_owned(), after.status, to));
+        }
+        Ok(after)
+    }
+
+    /// Claims of a user, newest first, with ids below `before`.
+    pub async fn claims_of_user(
+        &self,
+        user_id: &str,
+        before: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<claim::Model>, StoreError> {
+        let mut query = claim::Entity::find().filter(claim::Column::UserId.eq(user_id));
+        if let Some(before) = before {
+            query = query.filter(claim::Column::Id.lt(before));
+        }
+        Ok(query
+            .order_by_desc(claim::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Claims of a campaign, newest first, with ids below `before`.
+    pub async fn claims_of_campaign(
+        &self,
+        campaign_id: i64,
+        before: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<claim::Model>, StoreError> {
+        let mut query = claim::Entity::find().filter(claim::Column::CampaignId.eq(campaign_id));
+        if let Some(before) = before {
+            query = query.filter(claim::Column::Id.lt(before));
+        }
+        Ok(query
+            .order_by_desc(claim::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Outbox events not yet published, oldest first.
+    pub async fn unpublished_events(&self, limit: u64) -> Result<Vec<event::Model>, StoreError> {
+        Ok(event::Entity::find()
+            .filter(event::Column::PublishedAtMs.is_null())
+            .order_by_asc(event::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Marks outbox events as published.
+    pub async fn mark_published(&self, ids: &[i64], now_ms: i64) -> Result<(), StoreError> {
+        event::Entity::update_many()
+            .col_expr(event::Column::PublishedAtMs, Expr::value(now_ms))
+            .filter(event::Column::Id.is_in(ids.iter().copied()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn bump(
+    txn: &impl ConnectionTrait,
+    campaign_id: i64,
+    packets: stats::Column,
+    amount: stats::Column,
+    by: i64,
+) -> Result<(), DbErr> {
+    stats::Entity::update_many()
+        .col_expr(packets, Expr::col(packets).add(1))
+        .col_expr(amount, Expr::col(amount).add(by))
+        .filter(stats::Column::CampaignId.eq(campaign_id))
+        .exec(txn)
+        .await?;
+    Ok(())
+}
+
+async fn insert_event(
+    txn: &impl ConnectionTrait,
+    event_id: i64,
+    model: &campaign::Model,
+    kind: &str,
+    now_ms: i64,
+) -> Result<(), DbErr> {
+    let payload = serde_json::json!({
+        "campaign_id": model.id.to_string(),
+        "merchant_id": model.merchant_id,
+        "currency": model.currency,
+        "total_amount": model.total_amount,
+        "status": model.status,
+    });
+    event::Entity::insert(event::ActiveModel {
+        id: Set(event_id),
+        campaign_id: Set(model.id),
+        kind: Set(kind.to_owned()),
+        payload: Set(payload.to_string()),
+        created_at_ms: Set(now_ms),
+        published_at_ms: Set(None),
+    })
+    .exec_without_returning(txn)
+    .await?;
+    Ok(())
+}
+
+fn campaign_active_model(model: &campaign::Model) -> campaign::ActiveModel {
+    campaign::ActiveModel {
+        id: Set(model.id),
+        merchant_id: Set(model.merchant_id.clone()),
+        title: Set(model.title.clone()),
+        currency: Set(model.currency.clone()),
+        total_amount: Set(model.total_amount),
+        packet_count: Set(model.packet_count),
+        split_mode: Set(model.split_mode.clone()),
+        min_amount: Set(model.min_amount),
+        max_amount: Set(model.max_amount),
+        per_user_limit: Set(model.per_user_limit),
+        starts_at_ms: Set(model.starts_at_ms),
+        ends_at_ms: Set(model.ends_at_ms),
+        seed: Set(model.seed),
+        buckets: Set(model.buckets),
+        status: Set(model.status.clone()),
+        status_reason: Set(model.status_reason.clone()),
+        pool_state: Set(model.pool_state.clone()),
+        pool_claimed_at_ms: Set(model.pool_claimed_at_ms),
+        idempotency_key: Set(model.idempotency_key.clone()),
+        request_hash: Set(model.request_hash.clone()),
+        created_at_ms: Set(model.created_at_ms),
+        updated_at_ms: Set(model.updated_at_ms),
+    }
+}
+
+fn claim_active_model(model: &claim::Model) -> claim::ActiveModel {
+    claim::ActiveModel {
+        id: Set(model.id.clone()),
+        campaign_id: Set(model.campaign_id),
+        user_id: Set(model.user_id.clone()),
+        packet_seq: Set(model.packet_seq),
+        amount: Set(model.amount),
+        currency: Set(model.currency.clone()),
+        status: Set(model.status.clone()),
+        reason: Set(model.reason.clone()),
+        request_id: Set(model.request_id.clone()),
+        grabbed_at_ms: Set(model.grabbed_at_ms),
+        recorded_at_ms: Set(model.recorded_at_ms),
+        credited_at_ms: Set(model.credited_at_ms),
+        compensated_at_ms: Set(model.compensated_at_ms),
+        returned_to_pool: Set(model.returned_to_pool),
+    }
+}

@@ -1,0 +1,269 @@
+use std::sync::Arc;
+
+use redpacket_common::testing::Backend;
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, campaign_body, rfc3339_in, spawn_app};
+use crate::on_every_backend;
+
+fn record_body(id: &str, grab: &Value, user: &str, seq: u32) -> Value {
+    json!({
+        "campaign_id": id,
+        "user_id": user,
+        "packet_seq": seq,
+        "amount": grab["amount"],
+        "currency": "CNY",
+        "grabbed_at_ms": chrono::Utc::now().timestamp_millis(),
+        "request_id": "req-1"
+    })
+}
+
+async fn claims_move_from_pending_to_credited_or_compensated(backend: Backend) {
+    let app = Arc::new(spawn_app(backend).await);
+    let id = app.create(&campaign_body(1_000, 10, 1)).await;
+    app.fund_and_open(&id).await;
+
+    let mut grabs = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        let response = app.grab(&id, user).await;
+        assert_eq!(response.status(), 200);
+        let grab: Value = response.json().await.unwrap();
+        assert_eq!(grab["status"], "pending");
+        grabs.push((user, grab));
+    }
+    let handoff = app.handoff(&id, 4).await;
+
+    // Before the saga records it, the claim is read from the pool.
+    let (_, alice) = &grabs[0];
+    let alice_claim = alice["claim_id"].as_str().unwrap();
+    let pending = app.get_json(&format!("/claims/{alice_claim}")).await;
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["user_id"], "alice");
+    assert_eq!(pending["amount"], alice["amount"]);
+
+    // The saga records each claim (twice: messages come at least once).
+    for (user, grab) in &grabs {
+        let claim = grab["claim_id"].as_str().unwrap();
+        let seq = handoff.iter().find(|h| h.0 == claim).unwrap().2;
+        for _ in 0..2 {
+            let response = app
+                .post(
+                    &format!("/claims/{claim}/record"),
+                    &record_body(&id, grab, user, seq),
+                )
+                .await;
+            assert_eq!(response.status(), 200);
+        }
+    }
+    // A record naming the wrong packet, or changing a recorded claim, is refused.
+    let (_, bob) = &grabs[1];
+    let bob_claim = bob["claim_id"].as_str().unwrap();
+    let mut wrong = record_body(&id, bob, "bob", 0);
+    wrong["amount"] = json!(999_999);
+    let unknown_claim = format!("{:016x}{}", 12_345, &bob_claim[16..]);
+    let response = app
+        .post(&format!("/claims/{unknown_claim}/record"), &wrong)
+        .await;
+    assert_problem(response, 409, "claim_state", None).await;
+    let response = app
+        .post(&format!("/claims/{bob_claim}/record"), &wrong)
+        .await;
+    assert_problem(response, 409, "claim_state", None).await;
+    let foreign = format!("{}{:016x}", &bob_claim[..16], 999);
+    let response = app.post(&format!("/claims/{foreign}/record"), &wrong).await;
+    assert_problem(response, 422, "invalid_field", Some("claim_id")).await;
+
+    // alice is credited (twice: idempotent); bob is compensated; carol stays pending.
+    for _ in 0..2 {
+        let credited = app
+            .post(&format!("/claims/{alice_claim}/credited"), &json!({}))
+            .await;
+        assert_eq!(credited.status(), 200);
+        let credited: Value = credited.json().await.unwrap();
+        assert_eq!(credited["status"], "credited");
+        assert!(credited["credited_at"].is_string());
+    }
+    let remaining_before =
+        app.get_json(&format!("/campaigns/{id}/stats")).await["packets_remaining"]
+            .as_i64()
+            .unwrap();
+    for _ in 0..2 {
+        let compensated = app
+            .post(
+                &format!("/claims/{bob_claim}/compensated"),
+                &json!({"reason": "wallet refused"}),
+            )
+            .await;
+        assert_eq!(compensated.status(), 200);
+        let compensated: Value = compensated.json().await.unwrap();
+        assert_eq!(compensated["status"], "compensated");
+        assert_eq!(compensated["reason"], "wallet refused");
+    }
+    // The campaign is live: bob's packet went back to the pool, once.
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(
+        stats["packets_remaining"].as_i64().unwrap(),
+        remaining_before + 1
+    );
+    assert_eq!(stats["packets_credited"], 1);
+    assert_eq!(stats["packets_compensated"], 1);
+    assert_eq!(stats["packets_in_flight"], 1, "carol is still in flight");
+    assert_eq!(stats["amount_in_flight"], grabs[2].1["amount"]);
+
+    // Finished claims cannot change their outcome.
+    assert_problem(
+        app.post(
+            &format!("/claims/{alice_claim}/compensated"),
+            &json!({"reason": "x"}),
+        )
+        .await,
+        409,
+        "claim_state",
+        None,
+    )
+    .await;
+    assert_problem(
+        app.post(&format!("/claims/{bob_claim}/credited"), &json!({}))
+            .await,
+        409,
+        "claim_state",
+        None,
+    )
+    .await;
+    assert_problem(
+        app.get(&format!("/claims/{}", "0".repeat(32))).await,
+        404,
+        "claim_not_found",
+        None,
+    )
+    .await;
+    assert_problem(
+        app.post(
+            &format!("/claims/{bob_claim}/compensated"),
+            &json!({"reason": ""}),
+        )
+        .await,
+        422,
+        "invalid_field",
+        Some("reason"),
+    )
+    .await;
+
+    // Reads: a user's claims and the campaign's claims.
+    let mine = app.get_json("/users/alice/claims").await;
+    assert_eq!(mine["claims"].as_array().unwrap().len(), 1);
+    assert_eq!(mine["claims"][0]["status"], "credited");
+    let all = app
+        .get_json(&format!("/campaigns/{id}/claims?limit=2"))
+        .await;
+    assert_eq!(all["claims"].as_array().unwrap().len(), 2);
+    let cursor = all["next_cursor"].as_str().unwrap();
+    let rest = app
+        .get_json(&format!("/campaigns/{id}/claims?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(rest["claims"].as_array().unwrap().len(), 1);
+    assert_problem(
+        app.get("/users/alice/claims?cursor=zz").await,
+        400,
+        "invalid_cursor",
+        Some("cursor"),
+    )
+    .await;
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_backend!(claims_move_from_pending_to_credited_or_compensated);
+
+async fn after_the_end_stats_equal_the_database_and_settle(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut body = campaign_body(5_000, 50, 1);
+    body["ends_at"] = json!(rfc3339_in(2_000));
+    let id = app.create(&body).await;
+    app.fund_and_open(&id).await;
+    let mut credited_amount = 0;
+    let mut compensated_amount = 0;
+    for i in 0..6 {
+        let user = format!("u{i}");
+        let grab: Value = app.grab(&id, &user).await.json().await.unwrap();
+        let claim = grab["claim_id"].as_str().unwrap().to_owned();
+        let seq = app
+            .handoff(&id, 4)
+            .await
+            .into_iter()
+            .find(|h| h.0 == claim)
+            .unwrap()
+            .2;
+        assert_eq!(
+            app.post(
+                &format!("/claims/{claim}/record"),
+                &record_body(&id, &grab, &user, seq)
+            )
+            .await
+            .status(),
+            200
+        );
+        if i % 3 == 0 {
+            compensated_amount += grab["amount"].as_i64().unwrap();
+            // After the end the packet is not returned: it goes to the refund.
+            if i == 3 {
+                app.wait_for_status(&id, "expired").await;
+            }
+            let response = app
+                .post(
+                    &format!("/claims/{claim}/compensated"),
+                    &json!({"reason": "test"}),
+                )
+                .await;
+            assert_eq!(response.status(), 200);
+        } else {
+            credited_amount += grab["amount"].as_i64().unwrap();
+            assert_eq!(
+                app.post(&format!("/claims/{claim}/credited"), &json!({}))
+                    .await
+                    .status(),
+                200
+            );
+        }
+        if i == 3 {
+            break;
+        }
+    }
+    app.wait_for_status(&id, "expired").await;
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_credited"], 2);
+    assert_eq!(stats["packets_compensated"], 2);
+    assert_eq!(stats["amount_credited"], credited_amount);
+    // One compensated packet went back to the pool (while live), one did not (after the end).
+    assert_eq!(stats["packets_remaining"], 47);
+    assert_eq!(stats["packets_in_flight"], 0);
+    let refund = 5_000 - credited_amount;
+    assert!(compensated_amount > 0);
+    let settled = app
+        .post(
+            &format!("/campaigns/{id}/settled"),
+            &json!({"amount_refunded": refund}),
+        )
+        .await;
+    assert_eq!(settled.status(), 200);
+    assert_eq!(settled.json::<Value>().await.unwrap()["status"], "settled");
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["amount_refunded"], refund);
+    assert_eq!(stats["status"], "settled");
+    // The counters equal the claims table.
+    let claims = app.get_json(&format!("/campaigns/{id}/claims")).await;
+    let claims = claims["claims"].as_array().unwrap();
+    let credited: i64 = claims
+        .iter()
+        .filter(|c| c["status"] == "credited")
+        .map(|c| c["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(credited, stats["amount_credited"].as_i64().unwrap());
+    assert_eq!(
+        claims
+            .iter()
+            .filter(|c| c["status"] == "compensated")
+            .count(),
+        2
+    );
+    app.stop().await;
+}
+on_every_backend!(after_the_end_stats_equal_the_database_and_settle);

@@ -1,0 +1,286 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use redpacket_common::testing::Backend;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app, spawn_app_with_buckets,
+};
+use crate::on_every_backend;
+
+/// Runs `grabs` (campaign, user) in parallel with `in_flight` at once; returns (user, status,
+/// body) of each.
+async fn race(
+    app: &Arc<TestApp>,
+    id: &str,
+    users: Vec<String>,
+    in_flight: usize,
+) -> Vec<(String, u16, Value)> {
+    futures::stream::iter(users)
+        .map(|user| {
+            let app = app.clone();
+            let id = id.to_owned();
+            async move {
+                let response = app.grab(&id, &user).await;
+                let status = response.status().as_u16();
+                (user, status, response.json::<Value>().await.unwrap())
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await
+}
+
+async fn distinct_users_racing_get_exactly_the_packets(backend: Backend) {
+    let app = Arc::new(spawn_app_with_buckets(backend, 4).await);
+    let (packets, total) = (300_i64, 100_000_i64);
+    let id = app.create(&campaign_body(total, packets, 1)).await;
+    app.fund_and_open(&id).await;
+
+    let users: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
+    let results = race(&app, &id, users, 64).await;
+    let won: Vec<&(String, u16, Value)> = results.iter().filter(|(_, s, _)| *s == 200).collect();
+    assert_eq!(
+        won.len() as i64,
+        packets,
+        "grabs = min(users x limit, packets)"
+    );
+    for (_, status, body) in results.iter().filter(|(_, s, _)| *s != 200) {
+        assert_eq!(*status, 410, "{body}");
+        assert_eq!(body["code"], "sold_out");
+    }
+    let winners: HashSet<&str> = won.iter().map(|(user, _, _)| user.as_str()).collect();
+    assert_eq!(winners.len(), won.len(), "no user above the limit of 1");
+    let grabbed: i64 = won
+        .iter()
+        .map(|(_, _, body)| body["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        grabbed, total,
+        "every packet taken, so the amounts sum to the total"
+    );
+
+    // The hand-off holds exactly the answered grabs, one to one.
+    let handoff = app.handoff(&id, 4).await;
+    let answered: BTreeMap<String, (String, i64)> = won
+        .iter()
+        .map(|(user, _, body)| {
+            (
+                body["claim_id"].as_str().unwrap().to_owned(),
+                (user.clone(), body["amount"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    let handed_off: BTreeMap<String, (String, i64)> = handoff
+        .iter()
+        .map(|(claim, user, _, amount)| (claim.clone(), (user.clone(), *amount)))
+        .collect();
+    assert_eq!(handoff.len(), answered.len(), "one hand-off entry per grab");
+    assert_eq!(handed_off, answered);
+    let seqs: HashSet<u32> = handoff.iter().map(|(_, _, seq, _)| *seq).collect();
+    assert_eq!(seqs.len() as i64, packets, "no packet given twice");
+
+    app.wait_for_status(&id, "exhausted").await;
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_remaining"], 0);
+    assert_eq!(stats["amount_grabbed"], total);
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_backend!(distinct_users_racing_get_exactly_the_packets);
+
+async fn users_under_a_limit_get_exactly_their_limit(backend: Backend) {
+    let app = Arc::new(spawn_app_with_buckets(backend, 8).await);
+    let id = app.create(&campaign_body(1_000_000, 1_000, 3)).await;
+    app.fund_and_open(&id).await;
+    // 40 users try 5 times each, all interleaved.
+    let attempts: Vec<String> = (0..200).map(|i| format!("u{}", i % 40)).collect();
+    let results = race(&app, &id, attempts, 48).await;
+    let mut per_user: HashMap<&str, usize> = HashMap::new();
+    for (user, status, body) in &results {
+        match status {
+            200 => *per_user.entry(user.as_str()).or_default() += 1,
+            409 => {
+                assert_eq!(body["code"], "limit_reached");
+                assert_eq!(body["claims"].as_array().unwrap().len(), 3, "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(per_user.len(), 40);
+    assert!(per_user.values().all(|n| *n == 3), "{per_user:?}");
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_grabbed"], 120);
+    assert_eq!(
+        stats["amount_grabbed"].as_i64().unwrap() + stats["amount_remaining"].as_i64().unwrap(),
+        1_000_000
+    );
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_backend!(users_under_a_limit_get_exactly_their_limit);
+
+async fn one_user_racing_against_itself_gets_exactly_the_limit(backend: Backend) {
+    let app = Arc::new(spawn_app(backend).await);
+    let id = app.create(&campaign_body(10_000, 100, 2)).await;
+    app.fund_and_open(&id).await;
+    let results = race(&app, &id, vec!["greedy".to_owned(); 60], 60).await;
+    let won: Vec<&Value> = results
+        .iter()
+        .filter(|r| r.1 == 200)
+        .map(|r| &r.2)
+        .collect();
+    assert_eq!(won.len(), 2);
+    let claims: HashSet<&str> = won
+        .iter()
+        .map(|b| b["claim_id"].as_str().unwrap())
+        .collect();
+    for (_, status, body) in results.iter().filter(|r| r.1 != 200) {
+        assert_eq!(*status, 409);
+        assert_eq!(body["code"], "limit_reached");
+        let listed: HashSet<&str> = body["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["claim_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, claims, "the 409 lists the user's existing claims");
+    }
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_backend!(one_user_racing_against_itself_gets_exactly_the_limit);
+
+/// When a user's home bucket runs dry, the grab takes from the other buckets.
+async fn an_empty_home_bucket_moves_on_to_the_others(backend: Backend) {
+    let app = Arc::new(spawn_app_with_buckets(backend, 8).await);
+    let id = app.create(&campaign_body(800, 8, 8)).await;
+    app.fund_and_open(&id).await;
+    // One user takes all 8 packets: one from each bucket, whatever its home.
+    for _ in 0..8 {
+        assert_eq!(app.grab(&id, "solo").await.status(), 200);
+    }
+    let body = assert_problem(app.grab(&id, "solo").await, 409, "limit_reached", None).await;
+    assert_eq!(body["claims"].as_array().unwrap().len(), 8);
+    assert_problem(app.grab(&id, "other").await, 410, "sold_out", None).await;
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_backend!(an_empty_home_bucket_moves_on_to_the_others);
+
+async fn grabs_outside_the_window_or_state_are_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // Unknown campaigns.
+    assert_problem(
+        app.grab("123456", "u").await,
+        404,
+        "campaign_not_found",
+        None,
+    )
+    .await;
+    assert_problem(app.grab("nope", "u").await, 404, "campaign_not_found", None).await;
+
+    // Not funded.
+    let id = app.create(&campaign_body(1_000, 10, 1)).await;
+    assert_problem(app.grab(&id, "u").await, 409, "campaign_not_funded", None).await;
+    // Bad user id.
+    assert_problem(
+        app.grab(&id, "a b").await,
+        422,
+        "invalid_field",
+        Some("user_id"),
+    )
+    .await;
+
+    // Funded, loaded (within the lead), not started.
+    let mut later = campaign_body(1_000, 10, 1);
+    later["starts_at"] = json!(rfc3339_in(30_000));
+    let later_id = app.create(&later).await;
+    assert_eq!(
+        app.post(&format!("/campaigns/{later_id}/funded"), &json!({}))
+            .await
+            .status(),
+        200
+    );
+    assert_problem(
+        app.grab(&later_id, "u").await,
+        409,
+        "campaign_not_started",
+        None,
+    )
+    .await;
+
+    // Cancelled before its start: grabs are gone.
+    let cancelled = app
+        .post(
+            &format!("/campaigns/{later_id}/cancel"),
+            &json!({"merchant_id": "m1"}),
+        )
+        .await;
+    assert_eq!(cancelled.status(), 200);
+    assert_eq!(
+        cancelled.json::<Value>().await.unwrap()["status"],
+        "cancelled"
+    );
+    assert_problem(
+        app.grab(&later_id, "u").await,
+        410,
+        "campaign_cancelled",
+        None,
+    )
+    .await;
+
+    // A started campaign cannot be cancelled.
+    app.fund_and_open(&id).await;
+    assert_problem(
+        app.post(&format!("/campaigns/{id}/cancel"), &json!({}))
+            .await,
+        409,
+        "wrong_state",
+        None,
+    )
+    .await;
+
+    // Ended by time.
+    let mut short = campaign_body(1_000, 10, 1);
+    short["ends_at"] = json!(rfc3339_in(1_500));
+    let short_id = app.create(&short).await;
+    app.fund_and_open(&short_id).await;
+    assert_eq!(app.grab(&short_id, "early").await.status(), 200);
+    app.wait_for_status(&short_id, "expired").await;
+    assert_problem(
+        app.grab(&short_id, "late").await,
+        410,
+        "campaign_ended",
+        None,
+    )
+    .await;
+    let stats = app.get_json(&format!("/campaigns/{short_id}/stats")).await;
+    assert_eq!(stats["packets_remaining"], 9);
+    assert_eq!(stats["packets_grabbed"], 1);
+
+    // Rejected by its funding saga.
+    let rejected = app.create(&campaign_body(1_000, 10, 1)).await;
+    let response = app
+        .post(
+            &format!("/campaigns/{rejected}/rejected"),
+            &json!({"reason": "insufficient funds"}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_problem(
+        app.grab(&rejected, "u").await,
+        409,
+        "campaign_rejected",
+        None,
+    )
+    .await;
+    assert_problem(
+        app.post(&format!("/campaigns/{rejected}/funded"), &json!({}))
+            .await,
+        409,
+        "wrong_state",
+        None,
+    )
+    .await;
+    app.stop().await;
+}
+on_every_backend!(grabs_outside_the_window_or_state_are_refused);

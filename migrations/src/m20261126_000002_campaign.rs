@@ -1,0 +1,371 @@
+//! The campaign service's tables: campaigns, their pre-split packets, claims, read-model
+//! counters and the outbox of lifecycle events.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[derive(DeriveIden)]
+enum CampaignCampaigns {
+    Table,
+    Id,
+    MerchantId,
+    Title,
+    Currency,
+    TotalAmount,
+    PacketCount,
+    SplitMode,
+    MinAmount,
+    MaxAmount,
+    PerUserLimit,
+    StartsAtMs,
+    EndsAtMs,
+    Seed,
+    Buckets,
+    Status,
+    StatusReason,
+    PoolState,
+    PoolClaimedAtMs,
+    IdempotencyKey,
+    RequestHash,
+    CreatedAtMs,
+    UpdatedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum CampaignPackets {
+    Table,
+    CampaignId,
+    Seq,
+    Amount,
+}
+
+#[derive(DeriveIden)]
+enum CampaignClaims {
+    Table,
+    Id,
+    CampaignId,
+    UserId,
+    PacketSeq,
+    Amount,
+    Currency,
+    Status,
+    Reason,
+    RequestId,
+    GrabbedAtMs,
+    RecordedAtMs,
+    CreditedAtMs,
+    CompensatedAtMs,
+    ReturnedToPool,
+}
+
+#[derive(DeriveIden)]
+enum CampaignStats {
+    Table,
+    CampaignId,
+    PacketsRecorded,
+    AmountRecorded,
+    PacketsCredited,
+    AmountCredited,
+    PacketsCompensated,
+    AmountCompensated,
+    PacketsReturned,
+    AmountReturned,
+    PacketsRemainingFinal,
+    AmountRemainingFinal,
+    AmountRefunded,
+}
+
+#[derive(DeriveIden)]
+enum CampaignEvents {
+    Table,
+    Id,
+    CampaignId,
+    Kind,
+    Payload,
+    CreatedAtMs,
+    PublishedAtMs,
+}
+
+fn big(column: impl IntoIden) -> ColumnDef {
+    ColumnDef::new(column).big_integer().not_null().to_owned()
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(CampaignCampaigns::Table)
+                    .col(big(CampaignCampaigns::Id).primary_key())
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::MerchantId)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::Title)
+                            .string_len(200)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::Currency)
+                            .string_len(3)
+                            .not_null(),
+                    )
+                    .col(big(CampaignCampaigns::TotalAmount))
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::PacketCount)
+                            .integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::SplitMode)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(big(CampaignCampaigns::MinAmount))
+                    .col(big(CampaignCampaigns::MaxAmount))
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::PerUserLimit)
+                            .integer()
+                            .not_null(),
+                    )
+                    .col(big(CampaignCampaigns::StartsAtMs))
+                    .col(big(CampaignCampaigns::EndsAtMs))
+                    .col(big(CampaignCampaigns::Seed))
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::Buckets)
+                            .integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::Status)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::StatusReason)
+                            .text()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::PoolState)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::PoolClaimedAtMs)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::IdempotencyKey)
+                            .string_len(128)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignCampaigns::RequestHash)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(big(CampaignCampaigns::CreatedAtMs))
+                    .col(big(CampaignCampaigns::UpdatedAtMs))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("campaign_campaigns_idempotency")
+                    .table(CampaignCampaigns::Table)
+                    .col(CampaignCampaigns::MerchantId)
+                    .col(CampaignCampaigns::IdempotencyKey)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("campaign_campaigns_merchant")
+                    .table(CampaignCampaigns::Table)
+                    .col(CampaignCampaigns::MerchantId)
+                    .col(CampaignCampaigns::Id)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("campaign_campaigns_status")
+                    .table(CampaignCampaigns::Table)
+                    .col(CampaignCampaigns::Status)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(CampaignPackets::Table)
+                    .col(big(CampaignPackets::CampaignId))
+                    .col(ColumnDef::new(CampaignPackets::Seq).integer().not_null())
+                    .col(big(CampaignPackets::Amount))
+                    .primary_key(
+                        Index::create()
+                            .col(CampaignPackets::CampaignId)
+                            .col(CampaignPackets::Seq),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(CampaignClaims::Table)
+                    .col(
+                        ColumnDef::new(CampaignClaims::Id)
+                            .string_len(64)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(big(CampaignClaims::CampaignId))
+                    .col(
+                        ColumnDef::new(CampaignClaims::UserId)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignClaims::PacketSeq)
+                            .integer()
+                            .not_null(),
+                    )
+                    .col(big(CampaignClaims::Amount))
+                    .col(
+                        ColumnDef::new(CampaignClaims::Currency)
+                            .string_len(3)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignClaims::Status)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(CampaignClaims::Reason).text().null())
+                    .col(
+                        ColumnDef::new(CampaignClaims::RequestId)
+                            .string_len(128)
+                            .null(),
+                    )
+                    .col(big(CampaignClaims::GrabbedAtMs))
+                    .col(big(CampaignClaims::RecordedAtMs))
+                    .col(
+                        ColumnDef::new(CampaignClaims::CreditedAtMs)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignClaims::CompensatedAtMs)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignClaims::ReturnedToPool)
+                            .boolean()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        for (name, column) in [
+            ("campaign_claims_user", CampaignClaims::UserId),
+            ("campaign_claims_campaign", CampaignClaims::CampaignId),
+        ] {
+            manager
+                .create_index(
+                    Index::create()
+                        .name(name)
+                        .table(CampaignClaims::Table)
+                        .col(column)
+                        .col(CampaignClaims::Id)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        manager
+            .create_table(
+                Table::create()
+                    .table(CampaignStats::Table)
+                    .col(big(CampaignStats::CampaignId).primary_key())
+                    .col(big(CampaignStats::PacketsRecorded))
+                    .col(big(CampaignStats::AmountRecorded))
+                    .col(big(CampaignStats::PacketsCredited))
+                    .col(big(CampaignStats::AmountCredited))
+                    .col(big(CampaignStats::PacketsCompensated))
+                    .col(big(CampaignStats::AmountCompensated))
+                    .col(big(CampaignStats::PacketsReturned))
+                    .col(big(CampaignStats::AmountReturned))
+                    .col(
+                        ColumnDef::new(CampaignStats::PacketsRemainingFinal)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(CampaignStats::AmountRemainingFinal)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(big(CampaignStats::AmountRefunded))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(CampaignEvents::Table)
+                    .col(big(CampaignEvents::Id).primary_key())
+                    .col(big(CampaignEvents::CampaignId))
+                    .col(
+                        ColumnDef::new(CampaignEvents::Kind)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(CampaignEvents::Payload).text().not_null())
+                    .col(big(CampaignEvents::CreatedAtMs))
+                    .col(
+                        ColumnDef::new(CampaignEvents::PublishedAtMs)
+                            .big_integer()
+                            .null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("campaign_events_unpublished")
+                    .table(CampaignEvents::Table)
+                    .col(CampaignEvents::PublishedAtMs)
+                    .col(CampaignEvents::Id)
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            CampaignEvents::Table.into_iden(),
+            CampaignStats::Table.into_iden(),
+            CampaignClaims::Table.into_iden(),
+            CampaignPackets::Table.into_iden(),
+            CampaignCampaigns::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
