@@ -113,6 +113,8 @@ drop_leftover_databases() {
       mariadb -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $name" >/dev/null 2>&1 || true
     done
   rm -rf "${TMPDIR:-/tmp}/redpacket-tests"
+  # Redis keys of earlier runs: every test writes under its own `rpt:` prefix.
+  redis-cli -h 127.0.0.1 --scan --pattern 'rpt:*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 unlink >/dev/null 2>&1 || true
 }
 
 ensure_postgres

@@ -5,7 +5,7 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use redpacket_common::Problem;
-use redpacket_common::http::StrictJson;
+use redpacket_common::http::{FastJson, StrictJson};
 use serde::Deserialize;
 
 use crate::entity::{campaign, claim};
@@ -240,7 +240,7 @@ pub struct GrabBody {
 }
 
 /// A granted grab: the amount is the user's; the credit follows asynchronously.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct GrabResult {
     /// The claim's id; follow it with `GET /claims/{id}`.
     pub claim_id: String,
@@ -640,13 +640,13 @@ impl CampaignApi {
         /// Carried into the hand-off and the saga's messages.
         #[oai(name = "X-Request-Id")]
         request_id: Header<Option<String>>,
-    ) -> Result<Json<GrabResult>, Problem> {
+    ) -> Result<FastJson<GrabResult>, Problem> {
         let request_id = request_id.0.unwrap_or_default();
         let grabbed = self
             .service
             .grab(&id.0, &body.0.user_id, &request_id)
             .await?;
-        Ok(Json(GrabResult {
+        Ok(FastJson(GrabResult {
             claim_id: grabbed.claim_id,
             campaign_id: grabbed.campaign_id.to_string(),
             amount: grabbed.amount,

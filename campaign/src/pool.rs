@@ -327,14 +327,7 @@ impl RedisPool {
     pub fn grab_keys(&self, campaign_id: i64, buckets: u32, user_id: &str) -> Vec<String> {
         let keys = self.keys_of(campaign_id, buckets);
         let home = usize::try_from(home_bucket(user_id, buckets)).unwrap_or(0);
-        let count = keys.buckets.len();
-        let mut out = Vec::with_capacity(3 + 2 * count);
-        out.push(keys.meta.clone());
-        out.push(keys.users[home].clone());
-        out.push(keys.pending.clone());
-        out.extend((0..count).map(|i| keys.buckets[(home + i) % count].clone()));
-        out.extend((0..count).map(|i| keys.streams[(home + i) % count].clone()));
-        out
+        grab_key_order(&keys, home).map(str::to_owned).collect()
     }
 
     fn keys_of(&self, campaign_id: i64, buckets: u32) -> Arc<CampaignKeys> {
@@ -372,6 +365,20 @@ impl RedisPool {
     fn meta_key(&self, campaign_id: i64) -> String {
         format!("{}:{{c:{campaign_id}}}:meta", self.prefix)
     }
+}
+
+/// The grab script's keys in order: meta, home users hash, pending, then the buckets and their
+/// streams starting from the home bucket.
+fn grab_key_order(keys: &CampaignKeys, home: usize) -> impl Iterator<Item = &str> {
+    let count = keys.buckets.len();
+    [
+        keys.meta.as_str(),
+        keys.users[home].as_str(),
+        keys.pending.as_str(),
+    ]
+    .into_iter()
+    .chain((0..count).map(move |i| keys.buckets[(home + i) % count].as_str()))
+    .chain((0..count).map(move |i| keys.streams[(home + i) % count].as_str()))
 }
 
 fn parse_i64(text: &str) -> Result<i64, PoolError> {
@@ -437,19 +444,34 @@ impl PacketPool for RedisPool {
         now_ms: i64,
         request_id: &str,
     ) -> Result<GrabOutcome, PoolError> {
-        let keys = self.grab_keys(campaign.id, campaign.buckets, user_id);
-        let mut invocation = self.grab_script.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(user_id)
-            .arg(now_ms)
-            .arg(claim_id)
-            .arg(request_id);
-        let reply: Vec<String> = invocation
-            .invoke_async(&mut self.connection.clone())
-            .await?;
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let home = usize::try_from(home_bucket(user_id, campaign.buckets)).unwrap_or(0);
+        // One EVALSHA command built in a single buffer (the generic script invocation copies
+        // every key into its own allocation first); the hot path of every grab.
+        let build = |verb: &str, script: &str| {
+            let mut command = redis::cmd(verb);
+            command.arg(script).arg(3 + 2 * keys.buckets.len());
+            for key in grab_key_order(&keys, home) {
+                command.arg(key);
+            }
+            command
+                .arg(user_id)
+                .arg(now_ms)
+                .arg(claim_id)
+                .arg(request_id);
+            command
+        };
+        let mut connection = self.connection.clone();
+        let reply: Vec<String> = match build("EVALSHA", self.grab_script.get_hash())
+            .query_async(&mut connection)
+            .await
+        {
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted or flushed its script cache: send the source once.
+                build("EVAL", GRAB_SCRIPT).query_async(&mut connection).await?
+            }
+            other => other?,
+        };
         let word = reply.first().map(String::as_str).unwrap_or_default();
         Ok(match word {
             "ok" if reply.len() == 5 => GrabOutcome::Granted {

@@ -444,9 +444,10 @@ impl CampaignService {
         {
             return Ok((entry.pool.clone(), entry.status.clone()));
         }
-        let model = self
-            .store
-            .campaign(id)
+        // Boxed: the database read is the cold path, and keeping its large future out of this
+        // one keeps every grab's future small (it is moved into boxes on the way through the
+        // HTTP stack).
+        let model = Box::pin(self.store.campaign(id))
             .await?
             .ok_or_else(|| CampaignError::UnknownCampaign(id.to_string()))?;
         let pool = Arc::new(pool_campaign(&model));
@@ -508,7 +509,7 @@ impl CampaignService {
             GrabOutcome::LimitReached { claims } => Err(CampaignError::LimitReached(claims)),
             GrabOutcome::NotLoaded => {
                 // The pool knows nothing yet: the database says why.
-                let (_, status) = self.cached(id, true).await?;
+                let (_, status) = Box::pin(self.cached(id, true)).await?;
                 Err(match status.as_str() {
                     status::FUNDING => CampaignError::NotFunded,
                     status::SCHEDULED | status::ACTIVE => CampaignError::NotStarted,

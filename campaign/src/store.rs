@@ -8,9 +8,10 @@ use sea_orm::{
 
 use crate::entity::{campaign, claim, event, packet, stats};
 
-/// Packet rows per multi-row insert: 3 columns × 5,000 rows stays under every backend's
-/// bound on bind parameters (SQLite's 32,766 being the lowest).
-const PACKET_INSERT_ROWS: usize = 5_000;
+/// Packet rows per multi-row insert: small enough that one statement stays well under 64 KiB
+/// (larger messages stall on TCP delayed acknowledgements of the database connection), and
+/// far under every backend's bound on bind parameters.
+const PACKET_INSERT_ROWS: usize = 500;
 
 /// Lifecycle states.
 pub mod status {

@@ -48,6 +48,9 @@ fn database_url(server: &str, database: &str) -> String {
     format!("{}/{database}", &base[..cut])
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
