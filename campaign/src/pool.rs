@@ -466,9 +466,13 @@ impl PacketPool for RedisPool {
             .query_async(&mut connection)
             .await
         {
-            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
                 // Redis restarted or flushed its script cache: send the source once.
-                build("EVAL", GRAB_SCRIPT).query_async(&mut connection).await?
+                build("EVAL", GRAB_SCRIPT)
+                    .query_async(&mut connection)
+                    .await?
             }
             other => other?,
         };
