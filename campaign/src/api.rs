@@ -441,6 +441,45 @@ pub struct CancelBody {
     pub merchant_id: Option<String>,
 }
 
+/// A lifecycle event waiting in the outbox.
+#[derive(Debug, Clone, Object)]
+pub struct OutboxEvent {
+    /// The event's id.
+    pub id: String,
+    /// The campaign it is about.
+    pub campaign_id: String,
+    /// `campaign.created` or `campaign.ended`.
+    pub kind: String,
+    /// The campaign as it was: `campaign_id`, `merchant_id`, `currency`, `total_amount`,
+    /// `status`.
+    pub payload: serde_json::Value,
+    /// When it happened (epoch milliseconds).
+    pub created_at_ms: i64,
+}
+
+/// Events not yet published, oldest first.
+#[derive(Debug, Clone, Object)]
+pub struct OutboxPage {
+    /// The events.
+    pub events: Vec<OutboxEvent>,
+}
+
+/// Events the relay published.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct AckBody {
+    /// Their ids (at most 1,000).
+    pub ids: Vec<String>,
+}
+
+/// How many events were marked published.
+#[derive(Debug, Clone, Object)]
+pub struct AckResult {
+    /// Events marked.
+    pub acked: u64,
+}
+
 #[derive(ApiResponse)]
 enum CreateResponse {
     /// Created, in `funding` until the funding saga moves the money.
@@ -783,6 +822,58 @@ impl CampaignApi {
             })
             .await?;
         Ok(Json(claim.into()))
+    }
+
+    /// Lifecycle events not yet published (the outbox), oldest first. The saga worker's relay
+    /// reads them, publishes them, then acknowledges them: at least once.
+    #[oai(path = "/outbox", method = "get", tag = "ApiTags::Saga")]
+    async fn outbox(
+        &self,
+        /// Events per page, 1-200 (default 50).
+        limit: Query<Option<u64>>,
+    ) -> Result<Json<OutboxPage>, Problem> {
+        let limit = page_limit(limit.0)?;
+        let events = self
+            .service
+            .store()
+            .unpublished_events(limit)
+            .await
+            .map_err(CampaignError::from)?;
+        Ok(Json(OutboxPage {
+            events: events
+                .into_iter()
+                .map(|event| OutboxEvent {
+                    id: event.id.to_string(),
+                    campaign_id: event.campaign_id.to_string(),
+                    kind: event.kind,
+                    payload: serde_json::from_str(&event.payload).unwrap_or_default(),
+                    created_at_ms: event.created_at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    /// Mark outbox events published. Idempotent.
+    #[oai(path = "/outbox/ack", method = "post", tag = "ApiTags::Saga")]
+    async fn ack_outbox(&self, body: StrictJson<AckBody>) -> Result<Json<AckResult>, Problem> {
+        let ids: Vec<i64> = body
+            .0
+            .ids
+            .iter()
+            .map(|id| id.parse::<i64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| Problem::unprocessable("invalid_field", "ids must be event ids").with_field("ids"))?;
+        if ids.len() > 1000 {
+            return Err(Problem::unprocessable("invalid_field", "at most 1,000 ids").with_field("ids"));
+        }
+        self.service
+            .store()
+            .mark_published(&ids, chrono::Utc::now().timestamp_millis())
+            .await
+            .map_err(CampaignError::from)?;
+        Ok(Json(AckResult {
+            acked: ids.len() as u64,
+        }))
     }
 
     /// Mark a recorded claim credited. Idempotent.

@@ -6,6 +6,8 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ids;
+pub mod lease;
+pub mod messages;
 pub mod money;
 pub mod problem;
 pub mod telemetry;

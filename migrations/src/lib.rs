@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_wallet;
 mod m20261126_000002_campaign;
+mod m20261126_000003_saga;
 
 /// Applies, reverts and reports the migrations.
 #[derive(Debug)]
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_wallet::Migration),
             Box::new(m20261126_000002_campaign::Migration),
+            Box::new(m20261126_000003_saga::Migration),
         ]
     }
 }

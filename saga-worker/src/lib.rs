@@ -1,1 +1,327 @@
-//! placeholder
+//! The saga worker: relays the grab hand-off and the campaign outbox into RabbitMQ, and drives
+//! the grab, funding and refund sagas with retries, compensation, dead letters and a sweeper.
+//!
+//! [`Application::build`] connects to its database, Redis and RabbitMQ and binds its internal
+//! API; [`Application::run_until_stopped`] runs the relays, the consumer, the sweeper and the API
+//! until the shutdown future resolves, then drains the messages in flight.
+
+pub mod api;
+pub mod batcher;
+pub mod broker;
+pub mod clients;
+pub mod engine;
+pub mod entity;
+pub mod relay;
+pub mod store;
+pub mod sweeper;
+pub mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use poem::{EndpointExt, Route};
+use poem_openapi::OpenApiService;
+use redpacket_common::http::{BoundListener, DEFAULT_BODY_LIMIT_BYTES, Readiness, service_endpoint};
+use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::lease::LeaseManager;
+use redpacket_common::telemetry::Metrics;
+use redpacket_common::{ConfigError, ConfigSource, Secret};
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::CreditBatcher;
+use crate::broker::Broker;
+use crate::clients::{CampaignClient, WalletClient};
+use crate::engine::Engine;
+use crate::store::SagaStore;
+use crate::worker::WorkerStats;
+
+/// The saga worker's settings; only what it uses.
+#[derive(Debug, Clone)]
+pub struct SagaConfig {
+    /// `RP_DATABASE_URL` (required): the saga worker's own database.
+    pub database_url: Secret<String>,
+    /// `RP_REDIS_URL` (required): leases and the hand-off streams.
+    pub redis_url: Secret<String>,
+    /// `RP_AMQP_URL` (required).
+    pub amqp_url: Secret<String>,
+    /// `RP_CAMPAIGN_URL` (required): the campaign service's internal API.
+    pub campaign_url: String,
+    /// `RP_WALLET_URL` (required): the wallet's internal API.
+    pub wallet_url: String,
+    /// `RP_WORKER_ID` (required): 0-1023, unique per running process.
+    pub worker_id: u32,
+    /// `RP_LISTEN` (default `127.0.0.1:8083`).
+    pub listen: SocketAddr,
+    /// `RP_REDIS_PREFIX` (default `rp`): must match the campaign service's.
+    pub redis_prefix: String,
+    /// `RP_AMQP_PREFIX` (default `rp`): prefix of the exchange and queues.
+    pub amqp_prefix: String,
+    /// `RP_SAGA_PREFETCH` (default 512): unacknowledged messages per consumer.
+    pub prefetch: u16,
+    /// `RP_SAGA_CREDIT_BATCH` (default 500): credits per wallet batch; 1 turns batching off.
+    pub credit_batch: usize,
+    /// `RP_SAGA_CREDIT_LINGER_MS` (default 5): the longest a credit waits for its batch.
+    pub credit_linger: Duration,
+    /// `RP_SAGA_LEASE_TTL_MS` (default 10000): an executor's lease on a saga.
+    pub lease_ttl: Duration,
+    /// `RP_SAGA_RETRY_BASE_MS` (default 200): the first retry delay; each next one doubles.
+    pub retry_base: Duration,
+    /// `RP_DB_MAX_CONNECTIONS` (default 16).
+    pub db_max_connections: u32,
+}
+
+impl SagaConfig {
+    pub fn from_source(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let worker_id: u32 = source.required("RP_WORKER_ID")?;
+        if worker_id > u32::from(redpacket_common::ids::MAX_WORKER_ID) {
+            return Err(ConfigError::Malformed {
+                var: "RP_WORKER_ID".into(),
+                shown: format!(" `{worker_id}`"),
+                reason: format!("must be between 0 and {}", redpacket_common::ids::MAX_WORKER_ID),
+            });
+        }
+        let credit_batch: usize = source.or("RP_SAGA_CREDIT_BATCH", 500)?;
+        if !(1..=batcher::MAX_BATCH).contains(&credit_batch) {
+            return Err(ConfigError::Malformed {
+                var: "RP_SAGA_CREDIT_BATCH".into(),
+                shown: format!(" `{credit_batch}`"),
+                reason: format!("must be between 1 and {}", batcher::MAX_BATCH),
+            });
+        }
+        let linger_ms: u64 = source.or("RP_SAGA_CREDIT_LINGER_MS", 5)?;
+        if linger_ms > 1000 {
+            return Err(ConfigError::Malformed {
+                var: "RP_SAGA_CREDIT_LINGER_MS".into(),
+                shown: format!(" `{linger_ms}`"),
+                reason: "must be at most 1000".into(),
+            });
+        }
+        Ok(SagaConfig {
+            database_url: source.required_secret("RP_DATABASE_URL")?,
+            redis_url: source.required_secret("RP_REDIS_URL")?,
+            amqp_url: source.required_secret("RP_AMQP_URL")?,
+            campaign_url: source.required("RP_CAMPAIGN_URL")?,
+            wallet_url: source.required("RP_WALLET_URL")?,
+            worker_id,
+            listen: source.or("RP_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8083)))?,
+            redis_prefix: source.or("RP_REDIS_PREFIX", "rp".to_owned())?,
+            amqp_prefix: source.or("RP_AMQP_PREFIX", "rp".to_owned())?,
+            prefetch: source.or("RP_SAGA_PREFETCH", 512)?,
+            credit_batch,
+            credit_linger: Duration::from_millis(linger_ms),
+            retry_base: Duration::from_millis(source.or("RP_SAGA_RETRY_BASE_MS", 200)?),
+            lease_ttl: Duration::from_millis(source.or("RP_SAGA_LEASE_TTL_MS", 10_000)?),
+            db_max_connections: source.or(
+                "RP_DB_MAX_CONNECTIONS",
+                redpacket_common::db::DEFAULT_MAX_CONNECTIONS,
+            )?,
+        })
+    }
+}
+
+/// Switches for tests that play failures.
+#[derive(Debug, Clone, Default)]
+pub struct TestSwitches {
+    /// The relay publishes every hand-off entry twice.
+    pub duplicate_every_message: bool,
+}
+
+struct Ready {
+    store: SagaStore,
+    redis: redis::aio::ConnectionManager,
+}
+
+impl Readiness for Ready {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.store.db().ping().await.map_err(|err| format!("database: {err}"))?;
+            let _: String = redis::cmd("PING")
+                .query_async(&mut self.redis.clone())
+                .await
+                .map_err(|err| format!("redis: {err}"))?;
+            Ok(())
+        })
+    }
+}
+
+/// A built saga worker.
+pub struct Application {
+    listener: BoundListener,
+    engine: Engine,
+    broker: Broker,
+    redis: redis::aio::ConnectionManager,
+    ids: Arc<SnowflakeGenerator>,
+    config: SagaConfig,
+    switches: TestSwitches,
+    pub stats: Arc<WorkerStats>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects to the database, Redis and RabbitMQ, declares the topology and binds the API.
+    pub async fn build(config: SagaConfig, switches: TestSwitches) -> anyhow::Result<Self> {
+        let db = redpacket_common::db::connect(config.database_url.expose(), config.db_max_connections)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot connect to RP_DATABASE_URL: {err}"))?;
+        let redis = redis::Client::open(config.redis_url.expose().as_str())?
+            .get_connection_manager()
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot connect to RP_REDIS_URL: {err}"))?;
+        let broker = Broker::connect(config.amqp_url.expose(), &config.amqp_prefix, config.retry_base)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot connect to RP_AMQP_URL: {err}"))?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let wallet = WalletClient::new(http.clone(), &config.wallet_url);
+        let engine = Engine {
+            store: SagaStore::new(db),
+            campaign: CampaignClient::new(http, &config.campaign_url),
+            batcher: CreditBatcher::start(wallet.clone(), config.credit_batch, config.credit_linger),
+            wallet,
+            leases: LeaseManager::new(redis.clone()),
+            lease_prefix: config.redis_prefix.clone(),
+            lease_ttl: config.lease_ttl,
+        };
+        let listener = BoundListener::bind(config.listen).await?;
+        Ok(Application {
+            listener,
+            engine,
+            broker,
+            redis,
+            ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
+            config,
+            switches,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().port()
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Runs everything until `shutdown` resolves; then stops taking messages and lets the ones
+    /// in flight finish (unacknowledged ones return to the queue).
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let prefix = self.config.redis_prefix.clone();
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(relay::relay_handoff(
+            self.redis.clone(),
+            self.engine.leases.clone(),
+            self.broker.clone(),
+            format!("{prefix}:handoff:streams"),
+            prefix.clone(),
+            self.switches.duplicate_every_message,
+            stop.clone(),
+        ));
+        tasks.spawn(relay::relay_outbox(
+            self.engine.campaign.clone(),
+            self.engine.leases.clone(),
+            self.broker.clone(),
+            format!("{prefix}:relay:outbox"),
+            stop.clone(),
+        ));
+        tasks.spawn(worker::consume(
+            self.engine.clone(),
+            self.broker.clone(),
+            self.ids.clone(),
+            self.stats.clone(),
+            self.config.prefetch,
+            stop.clone(),
+        ));
+        tasks.spawn(sweeper::run(
+            self.engine.store.clone(),
+            self.broker.clone(),
+            self.engine.leases.clone(),
+            format!("{prefix}:saga:sweeper"),
+            Duration::from_secs(5),
+            sweeper::STALL_AFTER,
+            stop.clone(),
+        ));
+        tasks.close();
+
+        let metrics = Metrics::new("saga-worker");
+        register_worker_metrics(&metrics, self.stats.clone());
+        let api = OpenApiService::new(
+            api::SagaApi {
+                store: self.engine.store.clone(),
+                broker: self.broker.clone(),
+            },
+            "Red-packet saga worker (internal)",
+            env!("CARGO_PKG_VERSION"),
+        );
+        let spec = api.spec_endpoint();
+        let routes = Route::new().at("/openapi.json", spec).nest("/", api);
+        let ready = Ready {
+            store: self.engine.store.clone(),
+            redis: self.redis.clone(),
+        };
+        let endpoint = service_endpoint(routes, metrics, Arc::new(ready), DEFAULT_BODY_LIMIT_BYTES).boxed();
+        tracing::info!(addr = %self.listener.local_addr(), "saga worker listening");
+        let served = self.listener.serve(endpoint, shutdown).await;
+        stop.cancel();
+        tasks.wait().await;
+        served
+    }
+}
+
+/// Exposes the consumer's counters.
+fn register_worker_metrics(metrics: &Metrics, stats: Arc<WorkerStats>) {
+    let gauge = prometheus_gauge;
+    let done = gauge("saga_messages_done", "Saga messages handled to completion");
+    let retried = gauge("saga_messages_retried", "Saga messages sent to a retry queue");
+    let dead = gauge("saga_messages_dead", "Saga messages dead-lettered");
+    metrics.register(Box::new(ObservedCounters {
+        stats,
+        gauges: [done, retried, dead],
+    }));
+}
+
+fn prometheus_gauge(name: &str, help: &str) -> redpacket_common::telemetry::IntGauge {
+    redpacket_common::telemetry::IntGauge::new(name, help)
+        .unwrap_or_else(|err| panic!("static metric definition is valid: {err}"))
+}
+
+/// Reads the worker's atomic counters at scrape time.
+struct ObservedCounters {
+    stats: Arc<WorkerStats>,
+    gauges: [redpacket_common::telemetry::IntGauge; 3],
+}
+
+impl redpacket_common::telemetry::Collector for ObservedCounters {
+    fn desc(&self) -> Vec<&redpacket_common::telemetry::Desc> {
+        self.gauges.iter().flat_map(|g| g.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<redpacket_common::telemetry::MetricFamily> {
+        let values = [
+            self.stats.done.load(Ordering::Relaxed),
+            self.stats.retried.load(Ordering::Relaxed),
+            self.stats.dead.load(Ordering::Relaxed),
+        ];
+        for (gauge, value) in self.gauges.iter().zip(values) {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        self.gauges.iter().flat_map(|g| g.collect()).collect()
+    }
+}

@@ -9,14 +9,14 @@ async fn tables(db: &sea_orm::DatabaseConnection) -> Vec<String> {
     let sql = match backend {
         sea_orm::DbBackend::Postgres => {
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' \
-             AND (table_name LIKE 'wallet%' OR table_name LIKE 'campaign%') ORDER BY table_name"
+             AND (table_name LIKE 'wallet%' OR table_name LIKE 'campaign%' OR table_name LIKE 'saga%') ORDER BY table_name"
         }
         sea_orm::DbBackend::MySql => {
             "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() \
-             AND (table_name LIKE 'wallet%' OR table_name LIKE 'campaign%') ORDER BY table_name"
+             AND (table_name LIKE 'wallet%' OR table_name LIKE 'campaign%' OR table_name LIKE 'saga%') ORDER BY table_name"
         }
         _ => {
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND (name LIKE 'wallet%' OR name LIKE 'campaign%') ORDER BY name"
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND (name LIKE 'wallet%' OR name LIKE 'campaign%' OR name LIKE 'saga%') ORDER BY name"
         }
     };
     db.query_all_raw(Statement::from_string(backend, sql))
@@ -47,6 +47,8 @@ async fn every_migration_goes_up_and_down(backend: Backend) {
             "campaign_events",
             "campaign_packets",
             "campaign_stats",
+            "saga_dead_letters",
+            "saga_sagas",
             "wallet_accounts",
             "wallet_entries",
             "wallet_transfers"

@@ -1,0 +1,271 @@
+//! Redis lease locks with renewal and fencing tokens.
+//!
+//! A lease is `SET key token NX PX ttl`: held by whoever set it, until it expires or its
+//! holder releases it. Release and extension are scripts that act only when the key still holds
+//! the caller's token, so nobody can release or extend a lease that is not theirs.
+//!
+//! A watchdog renews a held lease every `ttl / 3`. When a renewal fails (the lease expired, was
+//! taken over, or Redis did not answer in time), the watchdog cancels the lease's
+//! [`CancellationToken`] at once, so the holder can stop working.
+//!
+//! A lease alone cannot give mutual exclusion: a holder paused longer than the ttl (a GC pause,
+//! a stalled VM) wakes up believing it still holds the lease. So every grant carries a fencing
+//! token, a counter incremented atomically with the grant; the resources a holder writes keep
+//! the highest token they have seen and refuse writes with an older one ([`fenced_set`] is such
+//! a resource in Redis; saga rows in the database are another).
+
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+/// The shortest lease accepted: renewals every third of it must be realistic.
+pub const MIN_TTL: Duration = Duration::from_millis(30);
+
+const ACQUIRE: &str = r"
+-- KEYS: lease, fence counter; ARGV: token, ttl_ms
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+";
+
+const EXTEND: &str = r"
+-- KEYS: lease; ARGV: token, ttl_ms
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const RELEASE: &str = r"
+-- KEYS: lease; ARGV: token
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+const FENCED_SET: &str = r"
+-- KEYS: value, highest fence seen; ARGV: fence, value
+local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) < seen then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
+/// A failure to talk to Redis about a lease.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("a lease ttl must be at least {MIN_TTL:?}")]
+    TtlTooShort,
+}
+
+/// Grants leases on keys of one Redis.
+#[derive(Clone)]
+pub struct LeaseManager {
+    connection: ConnectionManager,
+    acquire: std::sync::Arc<Script>,
+    extend: std::sync::Arc<Script>,
+    release: std::sync::Arc<Script>,
+}
+
+impl std::fmt::Debug for LeaseManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseManager").finish_non_exhaustive()
+    }
+}
+
+/// A held lease. Dropping it stops the watchdog but does not release the key (it expires after
+/// the ttl), which is exactly what a crashed holder looks like; call [`Lease::release`] to free
+/// it at once.
+#[derive(Debug)]
+pub struct Lease {
+    key: String,
+    token: String,
+    fence: u64,
+    lost: CancellationToken,
+    stop_watchdog: CancellationToken,
+    manager: LeaseManager,
+}
+
+impl LeaseManager {
+    pub fn new(connection: ConnectionManager) -> Self {
+        LeaseManager {
+            connection,
+            acquire: std::sync::Arc::new(Script::new(ACQUIRE)),
+            extend: std::sync::Arc::new(Script::new(EXTEND)),
+            release: std::sync::Arc::new(Script::new(RELEASE)),
+        }
+    }
+
+    /// Tries once to take the lease on `key` for `ttl`; `None` when someone else holds it.
+    /// A held lease is renewed by a watchdog every `ttl / 3` until released or dropped.
+    pub async fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, LeaseError> {
+        if ttl < MIN_TTL {
+            return Err(LeaseError::TtlTooShort);
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let fence: Option<u64> = self
+            .acquire
+            .key(key)
+            .key(format!("{key}:fence"))
+            .arg(&token)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        let Some(fence) = fence else {
+            return Ok(None);
+        };
+        let lease = Lease {
+            key: key.to_owned(),
+            token,
+            fence,
+            lost: CancellationToken::new(),
+            stop_watchdog: CancellationToken::new(),
+            manager: self.clone(),
+        };
+        tokio::spawn(watchdog(
+            self.clone(),
+            lease.key.clone(),
+            lease.token.clone(),
+            ttl,
+            lease.lost.clone(),
+            lease.stop_watchdog.clone(),
+        ));
+        Ok(Some(lease))
+    }
+
+    /// Waits for the lease, retrying every `retry` until `deadline` has passed.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        retry: Duration,
+        deadline: Duration,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Some(lease) = self.try_acquire(key, ttl).await? {
+                return Ok(Some(lease));
+            }
+            if started.elapsed() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    /// Extends `key` for `ttl` if `token` still holds it.
+    pub async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let extended: i64 = self
+            .extend
+            .key(key)
+            .arg(token)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(extended == 1)
+    }
+
+    /// Releases `key` if `token` still holds it.
+    pub async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError> {
+        let released: i64 = self
+            .release
+            .key(key)
+            .arg(token)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(released == 1)
+    }
+}
+
+async fn watchdog(
+    manager: LeaseManager,
+    key: String,
+    token: String,
+    ttl: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let period = ttl / 3;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        // A renewal slower than what is left of the lease is as good as a failed one.
+        let renewal = tokio::time::timeout(period, manager.extend(&key, &token, ttl)).await;
+        if !matches!(renewal, Ok(Ok(true))) {
+            tracing::warn!(key, "lease lost: renewal failed");
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+impl Lease {
+    /// The fencing token of this grant: higher than any earlier grant of the same key.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Cancelled the moment the lease is known to be lost.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Stops renewing without releasing: the lease expires after its ttl (tests use this to
+    /// play a holder that stalls).
+    pub fn stop_renewing(&self) {
+        self.stop_watchdog.cancel();
+    }
+
+    /// Releases the lease now; false when it was no longer ours.
+    pub async fn release(self) -> Result<bool, LeaseError> {
+        self.stop_watchdog.cancel();
+        self.manager.release(&self.key, &self.token).await
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_watchdog.cancel();
+    }
+}
+
+/// A fenced write: sets `key` to `value` unless a write with a higher fence came first.
+/// Returns false when the write was rejected as stale.
+pub async fn fenced_set(
+    connection: &mut ConnectionManager,
+    key: &str,
+    fence: u64,
+    value: &str,
+) -> Result<bool, LeaseError> {
+    let written: i64 = Script::new(FENCED_SET)
+        .key(key)
+        .key(format!("{key}:fence"))
+        .arg(fence)
+        .arg(value)
+        .invoke_async(connection)
+        .await?;
+    Ok(written == 1)
+}

@@ -1,0 +1,304 @@
+//! RabbitMQ: the topology, confirmed publishing, and a connection that comes back.
+//!
+//! | name | kind | role |
+//! |---|---|---|
+//! | `P.saga` | direct exchange | every saga message goes through it |
+//! | `P.saga.work` | quorum queue (`work`) | what the workers consume |
+//! | `P.saga.retry.N` | classic queue (`retry.N`) | holds a message `retry_base × 2^N`, then dead-letters it back to `work` |
+//! | `P.saga.dead` | quorum queue (`dead`) | messages that exhausted their retries, for operators |
+//!
+//! Messages are persistent and every publish waits for the broker's confirm. Consumers ack
+//! manually, at most `prefetch` unacknowledged at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+/// Retry delays: `retry_base × 2^n` for n in `0..RETRY_LEVELS` (default base below).
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
+/// Retry levels; a message that failed this many times goes to the dead queue.
+pub const RETRY_LEVELS: u32 = 8;
+/// The longest wait between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the message (negative confirm)")]
+    Nacked,
+}
+
+/// Names of one deployment's exchange and queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub work: String,
+    pub dead: String,
+    pub prefix: String,
+    pub retry_base: Duration,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, retry_base: Duration) -> Self {
+        Topology {
+            exchange: format!("{prefix}.saga"),
+            work: format!("{prefix}.saga.work"),
+            dead: format!("{prefix}.saga.dead"),
+            prefix: prefix.to_owned(),
+            retry_base,
+        }
+    }
+
+    pub fn retry_queue(&self, level: u32) -> String {
+        format!("{}.saga.retry.{level}", self.prefix)
+    }
+
+    /// The delay of a retry level.
+    pub fn retry_delay(&self, level: u32) -> Duration {
+        self.retry_base * 2_u32.saturating_pow(level.min(RETRY_LEVELS))
+    }
+}
+
+struct Live {
+    connection: Connection,
+    publisher: Channel,
+}
+
+/// A broker connection shared by the publishers and consumers of one process; it reconnects
+/// with backoff when the connection is lost.
+#[derive(Clone)]
+pub struct Broker {
+    uri: Arc<str>,
+    topology: Topology,
+    live: Arc<Mutex<Option<Live>>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("topology", &self.topology)
+            .finish_non_exhaustive()
+    }
+}
+
+fn properties() -> ConnectionProperties {
+    ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current())
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+impl Broker {
+    /// Connects and declares the topology (idempotently).
+    pub async fn connect(uri: &str, prefix: &str, retry_base: Duration) -> Result<Self, BrokerError> {
+        let broker = Broker {
+            uri: uri.into(),
+            topology: Topology::new(prefix, retry_base),
+            live: Arc::default(),
+        };
+        broker.publisher().await?;
+        Ok(broker)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    async fn open(&self) -> Result<Live, BrokerError> {
+        let connection = Connection::connect(&self.uri, properties()).await?;
+        let channel = connection.create_channel().await?;
+        declare(&channel, &self.topology).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Live {
+            connection,
+            publisher: channel,
+        })
+    }
+
+    /// The publishing channel, reconnecting when the connection is gone.
+    async fn publisher(&self) -> Result<Channel, BrokerError> {
+        let mut live = self.live.lock().await;
+        if let Some(current) = live.as_ref()
+            && current.connection.status().connected()
+            && current.publisher.status().connected()
+        {
+            return Ok(current.publisher.clone());
+        }
+        let opened = self.open().await?;
+        let channel = opened.publisher.clone();
+        *live = Some(opened);
+        Ok(channel)
+    }
+
+    /// A new channel for a consumer with a bound on unacknowledged deliveries.
+    pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
+        self.publisher().await?;
+        let live = self.live.lock().await;
+        let connection = &live
+            .as_ref()
+            .ok_or(BrokerError::Nacked)?
+            .connection;
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(channel)
+    }
+
+    /// Waits until the broker answers again, backing off between attempts.
+    pub async fn reconnect(&self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.publisher().await {
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(error = %err, ?delay, "broker unreachable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                }
+            }
+        }
+    }
+
+    /// Closes the connection (tests use it to play a broker that drops its clients).
+    pub async fn close_connection(&self) {
+        if let Some(live) = self.live.lock().await.take() {
+            let _ = live.connection.close(320, "closed on purpose".into()).await;
+        }
+    }
+
+    /// Publishes persistently to `routing_key` and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
+        let confirm = channel
+            .basic_publish(
+                &self.topology.exchange,
+                routing_key,
+                BasicPublishOptions::default(),
+                payload,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type(ShortString::from("application/json"))
+                    .with_message_id(ShortString::from(message_id)),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            return Err(BrokerError::Nacked);
+        }
+        Ok(())
+    }
+
+    /// Publishes many messages to `routing_key` and waits for all their confirms.
+    pub async fn publish_all(
+        &self,
+        routing_key: &str,
+        messages: &[(String, Vec<u8>)],
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (message_id, payload) in messages {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        &self.topology.exchange,
+                        routing_key,
+                        BasicPublishOptions::default(),
+                        payload,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type(ShortString::from("application/json"))
+                            .with_message_id(ShortString::from(message_id.as_str())),
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            if confirm.await?.is_nack() {
+                return Err(BrokerError::Nacked);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Declares the exchange and queues; safe to repeat.
+async fn declare(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            &topology.exchange,
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let quorum = table(&[(
+        "x-queue-type",
+        AMQPValue::LongString(LongString::from("quorum")),
+    )]);
+    for (queue, key) in [(&topology.work, "work"), (&topology.dead, "dead")] {
+        channel.queue_declare(queue, durable, quorum.clone()).await?;
+        channel
+            .queue_bind(
+                queue,
+                &topology.exchange,
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for level in 0..RETRY_LEVELS {
+        let ttl = i64::try_from(topology.retry_delay(level).as_millis()).unwrap_or(i64::MAX);
+        let arguments = table(&[
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from(topology.exchange.as_str())),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(LongString::from("work")),
+            ),
+        ]);
+        let queue = topology.retry_queue(level);
+        channel.queue_declare(&queue, durable, arguments).await?;
+        channel
+            .queue_bind(
+                &queue,
+                &topology.exchange,
+                &format!("retry.{level}"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! The sagas: grab → credit → mark credited (or compensate), funding, refund.
+//!
+//! Each message is handled under a lease on its saga (one executor at a time), and every write
+//! of the saga's row carries the lease's fencing token, so an executor that lost its lease
+//! cannot overwrite the progress of the one that took over. Every step is idempotent by a
+//! deterministic key (the transfer id is derived from the claim or campaign id), so a message
+//! delivered twice, or a saga re-driven from the middle, moves no money twice.
+
+use std::time::Duration;
+
+use redpacket_common::lease::LeaseManager;
+use redpacket_common::messages::{Envelope, SagaEvent};
+use serde_json::json;
+
+use crate::batcher::CreditBatcher;
+use crate::clients::{CampaignClient, StepError, Transfer, WalletClient};
+use crate::store::{SagaStore, state};
+
+/// How long an executor's lease on a saga lasts by default (renewed while it works).
+pub const DEFAULT_SAGA_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// What to do with a message after handling it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (or nothing left to do): acknowledge.
+    Done,
+    /// Try again later, through the retry queues.
+    Retry(String),
+    /// Give up now: dead-letter it.
+    Dead(String),
+}
+
+/// The saga engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub store: SagaStore,
+    pub campaign: CampaignClient,
+    pub wallet: WalletClient,
+    pub batcher: CreditBatcher,
+    pub leases: LeaseManager,
+    pub lease_prefix: String,
+    /// How long a crashed executor keeps a saga locked.
+    pub lease_ttl: Duration,
+}
+
+fn escrow(campaign_id: &str) -> String {
+    format!("escrow:{campaign_id}")
+}
+
+impl Engine {
+    /// Handles one message.
+    pub async fn handle(&self, envelope: &Envelope) -> Outcome {
+        let saga_id = envelope.event.saga_id();
+        let lease = match self
+            .leases
+            .try_acquire(&format!("{}:saga:{saga_id}", self.lease_prefix), self.lease_ttl)
+            .await
+        {
+            Ok(Some(lease)) => lease,
+            // Another executor drives this saga right now; look again later.
+            Ok(None) => return Outcome::Retry("another executor holds the saga".into()),
+            Err(err) => return Outcome::Retry(format!("lease: {err}")),
+        };
+        let fence = i64::try_from(lease.fence()).unwrap_or(i64::MAX);
+        let payload = String::from_utf8(envelope.to_bytes()).unwrap_or_default();
+        let outcome = match self
+            .store
+            .claim(
+                &saga_id,
+                envelope.event.kind(),
+                &payload,
+                envelope.request_id.as_deref(),
+                fence,
+            )
+            .await
+        {
+            Ok(Some(saga)) if state::is_terminal(&saga.state) => Outcome::Done,
+            Ok(Some(saga)) => {
+                let run = Run {
+                    engine: self,
+                    saga_id: &saga_id,
+                    fence,
+                    request_id: envelope.request_id.as_deref().unwrap_or(""),
+                };
+                let lost = lease.lost();
+                tokio::select! {
+                    outcome = run.drive(&envelope.event, &saga.step) => outcome,
+                    () = lost.cancelled() => Outcome::Retry("lost the saga's lease".into()),
+                }
+            }
+            // A newer executor owns the saga: this copy of the message is a duplicate.
+            Ok(None) => Outcome::Done,
+            Err(err) => Outcome::Retry(format!("saga store: {err}")),
+        };
+        if let Outcome::Retry(reason) | Outcome::Dead(reason) = &outcome
+            && let Err(err) = self.store.note_error(&saga_id, reason).await
+        {
+            tracing::warn!(saga = saga_id, error = %err, "could not note a saga error");
+        }
+        let _ = lease.release().await;
+        outcome
+    }
+}
+
+/// One execution of one saga under one fencing token.
+struct Run<'a> {
+    engine: &'a Engine,
+    saga_id: &'a str,
+    fence: i64,
+    request_id: &'a str,
+}
+
+/// A step's verdict: go to the next step, or stop with an outcome.
+enum Next {
+    Step(&'static str),
+    Finish(&'static str, Option<String>),
+    Stop(Outcome),
+}
+
+fn transient_or_dead(err: StepError) -> Next {
+    match err {
+        StepError::Transient(reason) => Next::Stop(Outcome::Retry(reason)),
+        StepError::Permanent { code, detail } => Next::Stop(Outcome::Dead(format!("{code}: {detail}"))),
+    }
+}
+
+impl Run<'_> {
+    async fn drive(&self, event: &SagaEvent, from: &str) -> Outcome {
+        let mut step: String = from.to_owned();
+        // Bounded: every saga has at most four steps.
+        for _ in 0..8 {
+            let next = match event {
+                SagaEvent::GrabClaimed { .. } => self.grab_step(event, &step).await,
+                SagaEvent::CampaignCreated { .. } => self.funding_step(event, &step).await,
+                SagaEvent::CampaignEnded { .. } => self.refund_step(event, &step).await,
+            };
+            match next {
+                Next::Step(to) => {
+                    match self.engine.store.advance(self.saga_id, self.fence, to, state::RUNNING, None).await {
+                        Ok(true) => step = to.to_owned(),
+                        // A newer executor took over: stop without touching anything.
+                        Ok(false) => return Outcome::Done,
+                        Err(err) => return Outcome::Retry(format!("saga store: {err}")),
+                    }
+                }
+                Next::Finish(final_state, reason) => {
+                    return match self
+                        .engine
+                        .store
+                        .advance(self.saga_id, self.fence, "done", final_state, reason.as_deref())
+                        .await
+                    {
+                        Ok(_) => Outcome::Done,
+                        Err(err) => Outcome::Retry(format!("saga store: {err}")),
+                    };
+                }
+                Next::Stop(outcome) => return outcome,
+            }
+        }
+        Outcome::Dead(format!("saga {} did not finish its steps", self.saga_id))
+    }
+
+    async fn grab_step(&self, event: &SagaEvent, step: &str) -> Next {
+        let SagaEvent::GrabClaimed {
+            claim_id,
+            campaign_id,
+            user_id,
+            packet_seq,
+            amount,
+            currency,
+            grabbed_at_ms,
+        } = event
+        else {
+            return Next::Stop(Outcome::Dead("not a grab".into()));
+        };
+        let campaign = &self.engine.campaign;
+        match step {
+            "start" | "record" => {
+                let body = json!({
+                    "campaign_id": campaign_id, "user_id": user_id, "packet_seq": packet_seq,
+                    "amount": amount, "currency": currency, "grabbed_at_ms": grabbed_at_ms,
+                    "request_id": self.request_id,
+                });
+                match campaign.record_claim(claim_id, &body, self.request_id).await {
+                    Ok(claim) if claim["status"] == "credited" => Next::Finish(state::COMPLETED, None),
+                    Ok(claim) if claim["status"] == "compensated" => Next::Finish(state::COMPENSATED, None),
+                    Ok(_) => Next::Step("credit"),
+                    Err(err) => transient_or_dead(err),
+                }
+            }
+            "credit" => {
+                let transfer = Transfer {
+                    id: format!("grab:{claim_id}"),
+                    debit: escrow(campaign_id),
+                    credit: format!("user:{user_id}"),
+                    amount: *amount,
+                    currency: currency.clone(),
+                };
+                match self.engine.batcher.credit(transfer).await {
+                    Ok(()) => Next::Step("mark_credited"),
+                    Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
+                    // The wallet refused for good: undo the grab.
+                    Err(StepError::Permanent { code, detail }) => {
+                        tracing::warn!(claim = claim_id, code, detail, "credit refused; compensating");
+                        match self
+                            .engine
+                            .store
+                            .advance(self.saga_id, self.fence, "compensate", state::RUNNING, Some(&format!("{code}: {detail}")))
+                            .await
+                        {
+                            Ok(true) => Next::Step("compensate"),
+                            Ok(false) => Next::Stop(Outcome::Done),
+                            Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
+                        }
+                    }
+                }
+            }
+            "mark_credited" => match campaign.mark_credited(claim_id, self.request_id).await {
+                Ok(_) => Next::Finish(state::COMPLETED, None),
+                Err(err) => transient_or_dead(err),
+            },
+            "compensate" => {
+                let reason = self
+                    .engine
+                    .store
+                    .get(self.saga_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|saga| saga.last_error)
+                    .unwrap_or_else(|| "the wallet refused the credit".to_owned());
+                match campaign.mark_compensated(claim_id, &reason, self.request_id).await {
+                    Ok(_) => Next::Finish(state::COMPENSATED, Some(reason)),
+                    Err(err) => transient_or_dead(err),
+                }
+            }
+            other => Next::Stop(Outcome::Dead(format!("unknown grab step `{other}`"))),
+        }
+    }
+
+    async fn funding_step(&self, event: &SagaEvent, step: &str) -> Next {
+        let SagaEvent::CampaignCreated {
+            campaign_id,
+            merchant_id,
+            currency,
+            total_amount,
+        } = event
+        else {
+            return Next::Stop(Outcome::Dead("not a funding".into()));
+        };
+        let campaign = &self.engine.campaign;
+        match step {
+            "start" | "transfer" => {
+                let transfer = Transfer {
+                    id: format!("fund:{campaign_id}"),
+                    debit: format!("merchant:{merchant_id}"),
+                    credit: escrow(campaign_id),
+                    amount: *total_amount,
+                    currency: currency.clone(),
+                };
+                match self.engine.wallet.transfer(&transfer, self.request_id).await {
+                    Ok(_) => Next::Step("mark_funded"),
+                    Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
+                    Err(StepError::Permanent { code, detail }) => {
+                        match self
+                            .engine
+                            .store
+                            .advance(self.saga_id, self.fence, "reject", state::RUNNING, Some(&format!("{code}: {detail}")))
+                            .await
+                        {
+                            Ok(true) => Next::Step("reject"),
+                            Ok(false) => Next::Stop(Outcome::Done),
+                            Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
+                        }
+                    }
+                }
+            }
+            "mark_funded" => match campaign.mark_funded(campaign_id, self.request_id).await {
+                Ok(_) => Next::Finish(state::COMPLETED, None),
+                // Cancelled while funding: its refund saga gives the money back.
+                Err(StepError::Permanent { code, .. }) if code == "campaign_cancelled" => {
+                    Next::Finish(state::COMPLETED, Some("cancelled while funding".into()))
+                }
+                Err(err) => transient_or_dead(err),
+            },
+            "reject" => {
+                let reason = self
+                    .engine
+                    .store
+                    .get(self.saga_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|saga| saga.last_error)
+                    .unwrap_or_else(|| "the funding transfer was refused".to_owned());
+                match campaign.mark_rejected(campaign_id, &reason, self.request_id).await {
+                    Ok(_) => Next::Finish(state::COMPENSATED, Some(reason)),
+                    Err(err) => transient_or_dead(err),
+                }
+            }
+            other => Next::Stop(Outcome::Dead(format!("unknown funding step `{other}`"))),
+        }
+    }
+
+    async fn refund_step(&self, event: &SagaEvent, step: &str) -> Next {
+        let SagaEvent::CampaignEnded {
+            campaign_id,
+            merchant_id,
+            currency,
+            ..
+        } = event
+        else {
+            return Next::Stop(Outcome::Dead("not a refund".into()));
+        };
+        match step {
+            "start" | "wait_funding" => {
+                // The funding must be over, or its money could land after the refund.
+                match self.engine.store.get(&format!("fund:{campaign_id}")).await {
+                    Ok(Some(funding)) if state::is_terminal(&funding.state) => Next::Step("wait_claims"),
+                    Ok(_) => Next::Stop(Outcome::Retry("the funding saga has not finished".into())),
+                    Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
+                }
+            }
+            "wait_claims" => match self.engine.campaign.stats(campaign_id).await {
+                Ok(stats) if stats["packets_in_flight"] == 0 => Next::Step("refund"),
+                Ok(stats) => Next::Stop(Outcome::Retry(format!("{} claims still in flight", stats["packets_in_flight"]))),
+                Err(err) => transient_or_dead(err),
+            },
+            "refund" | "settle" => {
+                let stats = match self.engine.campaign.stats(campaign_id).await {
+                    Ok(stats) => stats,
+                    Err(err) => return transient_or_dead(err),
+                };
+                let total = stats["amount_total"].as_i64().unwrap_or(0);
+                let credited = stats["amount_credited"].as_i64().unwrap_or(0);
+                let funded = matches!(
+                    self.engine.store.get(&format!("fund:{campaign_id}")).await,
+                    Ok(Some(funding)) if funding.state == state::COMPLETED
+                );
+                // Everything not credited goes back; nothing if the money never came.
+                let refund = if funded { total - credited } else { 0 };
+                if step == "refund" && refund > 0 {
+                    let transfer = Transfer {
+                        id: format!("refund:{campaign_id}"),
+                        debit: escrow(campaign_id),
+                        credit: format!("merchant:{merchant_id}"),
+                        amount: refund,
+                        currency: currency.clone(),
+                    };
+                    if let Err(err) = self.engine.wallet.transfer(&transfer, self.request_id).await {
+                        return transient_or_dead(err);
+                    }
+                    match self.engine.store.advance(self.saga_id, self.fence, "settle", state::RUNNING, None).await {
+                        Ok(true) => {}
+                        Ok(false) => return Next::Stop(Outcome::Done),
+                        Err(err) => return Next::Stop(Outcome::Retry(err.to_string())),
+                    }
+                }
+                // The escrow must now be empty: assert it where the money moved.
+                match self.engine.wallet.balance(&escrow(campaign_id)).await {
+                    Ok(0) => {}
+                    Ok(left) => {
+                        return Next::Stop(Outcome::Dead(format!(
+                            "escrow of campaign {campaign_id} holds {left} after its refund"
+                        )));
+                    }
+                    Err(err) => return transient_or_dead(err),
+                }
+                match self.engine.campaign.mark_settled(campaign_id, refund, self.request_id).await {
+                    Ok(_) => Next::Finish(state::COMPLETED, None),
+                    Err(err) => transient_or_dead(err),
+                }
+            }
+            other => Next::Stop(Outcome::Dead(format!("unknown refund step `{other}`"))),
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The saga worker's tables (see `redpacket-migrations`).
+
+pub mod dead_letter;
+pub mod saga;

@@ -1,0 +1,286 @@
+//! Relays: the grab hand-off streams (Redis) and the campaign outbox (the campaign service's
+//! internal API) into RabbitMQ.
+//!
+//! A stream entry is acknowledged and deleted in Redis only after the broker confirmed its
+//! message, so a relay that dies in between leaves the entry pending; the next relay claims
+//! pending entries that sat idle longer than `CLAIM_IDLE` and publishes them again (the sagas
+//! are idempotent, so a second copy is harmless). One relay works a stream at a time: it holds
+//! the stream's lease while it does.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Value};
+use redpacket_common::lease::{Lease, LeaseManager};
+use redpacket_common::messages::{Envelope, SagaEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::clients::CampaignClient;
+
+/// The consumer group of the relays on every hand-off stream.
+pub const GROUP: &str = "relay";
+/// Entries read per stream per round.
+const BATCH: usize = 500;
+/// A pending entry idle this long belonged to a relay that died: it is claimed.
+const CLAIM_IDLE: Duration = Duration::from_secs(5);
+/// How long a relay holds a stream's lease (renewed while it works).
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How long one blocking read waits for new entries.
+const BLOCK: Duration = Duration::from_millis(100);
+/// How often the relay looks for new streams.
+const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// Turns a hand-off entry into a saga message.
+fn envelope_of(fields: &HashMap<String, Value>) -> Option<Envelope> {
+    let text = |name: &str| -> Option<String> { redis::from_redis_value_ref(fields.get(name)?).ok() };
+    let request_id = text("rid").filter(|rid| !rid.is_empty());
+    let claim_id = text("claim")?;
+    Some(Envelope::new(
+        format!("grab:{claim_id}"),
+        request_id,
+        SagaEvent::GrabClaimed {
+            campaign_id: text("campaign")?,
+            user_id: text("user")?,
+            packet_seq: text("seq")?.parse().ok()?,
+            amount: text("amount")?.parse().ok()?,
+            currency: text("currency")?,
+            grabbed_at_ms: text("at")?.parse().ok()?,
+            claim_id,
+        },
+    ))
+}
+
+/// Moves hand-off streams into the broker until `shutdown`.
+pub async fn relay_handoff(
+    redis: ConnectionManager,
+    leases: LeaseManager,
+    broker: Broker,
+    registry_key: String,
+    lease_prefix: String,
+    duplicate_every_message: bool,
+    shutdown: CancellationToken,
+) {
+    let consumer = format!("relay-{}", uuid::Uuid::new_v4().simple());
+    let mut held: HashMap<String, Lease> = HashMap::new();
+    let mut last_discovery = tokio::time::Instant::now() - DISCOVER_EVERY;
+    while !shutdown.is_cancelled() {
+        if last_discovery.elapsed() >= DISCOVER_EVERY {
+            last_discovery = tokio::time::Instant::now();
+            held.retain(|_, lease| !lease.is_lost());
+            let streams: Vec<String> = redis.clone().smembers(&registry_key).await.unwrap_or_default();
+            for stream in streams {
+                if held.contains_key(&stream) {
+                    continue;
+                }
+                if let Ok(Some(lease)) = leases.try_acquire(&format!("{lease_prefix}:relay:{stream}"), LEASE_TTL).await {
+                    let _: Result<(), _> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg("0")
+                        .arg("MKSTREAM")
+                        .query_async(&mut redis.clone())
+                        .await;
+                    held.insert(stream, lease);
+                }
+            }
+        }
+        if held.is_empty() {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(BLOCK) => continue,
+            }
+        }
+        let streams: Vec<String> = held.keys().cloned().collect();
+        if let Err(err) = relay_round(&redis, &broker, &streams, &consumer, duplicate_every_message).await {
+            tracing::warn!(error = %err, "relay round failed; retrying");
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = broker.reconnect() => {}
+            }
+        }
+    }
+    for (_, lease) in held {
+        let _ = lease.release().await;
+    }
+}
+
+async fn relay_round(
+    redis: &ConnectionManager,
+    broker: &Broker,
+    streams: &[String],
+    consumer: &str,
+    duplicate_every_message: bool,
+) -> anyhow::Result<()> {
+    let mut connection = redis.clone();
+    let mut entries: Vec<(String, String, HashMap<String, Value>)> = Vec::new();
+    // Entries a dead relay left pending.
+    for stream in streams {
+        let claimed: Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(u64::try_from(CLAIM_IDLE.as_millis()).unwrap_or(u64::MAX))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut connection)
+            .await?;
+        if let Value::Array(parts) = claimed
+            && let Some(Value::Array(items)) = parts.get(1)
+        {
+            for item in items {
+                if let Value::Array(pair) = item
+                    && let [id, Value::Array(flat)] = pair.as_slice()
+                {
+                    let id: String = redis::from_redis_value_ref(id)?;
+                    let mut fields = HashMap::new();
+                    for chunk in flat.chunks(2) {
+                        if let [key, value] = chunk {
+                            fields.insert(redis::from_redis_value_ref(key)?, value.clone());
+                        }
+                    }
+                    entries.push((stream.clone(), id, fields));
+                }
+            }
+        }
+    }
+    // New entries, waiting a little when there are none.
+    let options = StreamReadOptions::default()
+        .group(GROUP, consumer)
+        .count(BATCH)
+        .block(usize::try_from(BLOCK.as_millis()).unwrap_or(100));
+    let ids: Vec<&str> = streams.iter().map(|_| ">").collect();
+    let reply: Option<StreamReadReply> = connection.xread_options(streams, &ids, &options).await?;
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        for entry in key.ids {
+            entries.push((key.key.clone(), entry.id, entry.map));
+        }
+    }
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut messages = Vec::with_capacity(entries.len());
+    for (stream, id, fields) in &entries {
+        match envelope_of(fields) {
+            Some(envelope) => {
+                let bytes = envelope.to_bytes();
+                if duplicate_every_message {
+                    messages.push((envelope.message_id.clone(), bytes.clone()));
+                }
+                messages.push((envelope.message_id, bytes));
+            }
+            None => tracing::error!(stream, id, "unreadable hand-off entry; dropping it"),
+        }
+    }
+    broker.publish_all("work", &messages).await?;
+    // Only now, with every message confirmed, the entries leave the stream.
+    let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (stream, id, _) in &entries {
+        by_stream.entry(stream.as_str()).or_default().push(id.as_str());
+    }
+    for (stream, ids) in by_stream {
+        let _: () = redis::pipe()
+            .cmd("XACK")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(&ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(stream)
+            .arg(&ids)
+            .ignore()
+            .query_async(&mut connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Moves the campaign outbox into the broker until `shutdown`, while holding its lease.
+pub async fn relay_outbox(
+    campaign: CampaignClient,
+    leases: LeaseManager,
+    broker: Broker,
+    lease_key: String,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let lease = match leases.try_acquire(&lease_key, LEASE_TTL).await {
+            Ok(Some(lease)) => lease,
+            _ => {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(LEASE_TTL / 2) => continue,
+                }
+            }
+        };
+        let lost = lease.lost();
+        while !shutdown.is_cancelled() && !lost.is_cancelled() {
+            let published = match outbox_round(&campaign, &broker).await {
+                Ok(count) => count,
+                Err(err) => {
+                    tracing::warn!(error = %err, "outbox relay round failed");
+                    0
+                }
+            };
+            if published == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = lost.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+        let _ = lease.release().await;
+    }
+}
+
+async fn outbox_round(campaign: &CampaignClient, broker: &Broker) -> anyhow::Result<usize> {
+    let page = campaign.outbox(200).await?;
+    let events = page["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let mut messages = Vec::new();
+    let mut ids = Vec::new();
+    for event in &events {
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        let payload = &event["payload"];
+        let text = |name: &str| payload[name].as_str().unwrap_or_default().to_owned();
+        let fields = (
+            text("campaign_id"),
+            text("merchant_id"),
+            text("currency"),
+            payload["total_amount"].as_i64().unwrap_or(0),
+        );
+        let saga_event = match event["kind"].as_str() {
+            Some("campaign.created") => Some(SagaEvent::CampaignCreated {
+                campaign_id: fields.0,
+                merchant_id: fields.1,
+                currency: fields.2,
+                total_amount: fields.3,
+            }),
+            Some("campaign.ended") => Some(SagaEvent::CampaignEnded {
+                campaign_id: fields.0,
+                merchant_id: fields.1,
+                currency: fields.2,
+                total_amount: fields.3,
+            }),
+            other => {
+                tracing::error!(kind = ?other, id, "unknown outbox event; skipping it");
+                None
+            }
+        };
+        if let Some(saga_event) = saga_event {
+            let envelope = Envelope::new(format!("event:{id}"), None, saga_event);
+            messages.push((envelope.message_id.clone(), envelope.to_bytes()));
+        }
+        ids.push(id);
+    }
+    broker.publish_all("work", &messages).await?;
+    campaign.ack_outbox(&ids).await?;
+    Ok(events.len())
+}

@@ -1,0 +1,211 @@
+//! Saga state in the saga worker's database, written only under a fencing token.
+
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+
+use crate::entity::{dead_letter, saga};
+
+/// The longest error text kept on a saga.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
+/// Saga states.
+pub mod state {
+    /// Being driven (or waiting for a retry).
+    pub const RUNNING: &str = "running";
+    /// Every step done.
+    pub const COMPLETED: &str = "completed";
+    /// Undone: the claim compensated or the campaign rejected.
+    pub const COMPENSATED: &str = "compensated";
+    /// Out of retries: in the dead-letter list until an operator replays it.
+    pub const STUCK: &str = "stuck";
+
+    pub fn is_terminal(state: &str) -> bool {
+        state == COMPLETED || state == COMPENSATED
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn bounded(text: &str) -> String {
+    text.chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// The saga tables.
+#[derive(Debug, Clone)]
+pub struct SagaStore {
+    db: DatabaseConnection,
+}
+
+impl SagaStore {
+    pub fn new(db: DatabaseConnection) -> Self {
+        SagaStore { db }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Takes the saga over with `fence`, creating it on first sight. Returns the row, or
+    /// `None` when a holder with a newer fence has written it (this executor is stale).
+    pub async fn claim(
+        &self,
+        id: &str,
+        kind: &str,
+        payload: &str,
+        request_id: Option<&str>,
+        fence: i64,
+    ) -> Result<Option<saga::Model>, DbErr> {
+        let now = now_ms();
+        saga::Entity::insert(saga::ActiveModel {
+            id: Set(id.to_owned()),
+            kind: Set(kind.to_owned()),
+            state: Set(state::RUNNING.to_owned()),
+            step: Set("start".to_owned()),
+            attempts: Set(0),
+            last_error: Set(None),
+            payload: Set(payload.to_owned()),
+            request_id: Set(request_id.map(str::to_owned)),
+            fence: Set(0),
+            created_at_ms: Set(now),
+            updated_at_ms: Set(now),
+        })
+        .on_conflict(OnConflict::column(saga::Column::Id).do_nothing_on([saga::Column::Id]).to_owned())
+        .exec_without_returning(&self.db)
+        .await?;
+        let taken = saga::Entity::update_many()
+            .col_expr(saga::Column::Fence, Expr::value(fence))
+            .col_expr(saga::Column::Attempts, Expr::col(saga::Column::Attempts).add(1))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
+            .filter(saga::Column::Id.eq(id))
+            .filter(saga::Column::Fence.lte(fence))
+            .exec(&self.db)
+            .await?;
+        if taken.rows_affected == 0 {
+            return Ok(None);
+        }
+        saga::Entity::find_by_id(id).one(&self.db).await
+    }
+
+    /// Records progress; false when a newer fence owns the saga (the write is refused).
+    pub async fn advance(
+        &self,
+        id: &str,
+        fence: i64,
+        step: &str,
+        state: &str,
+        error: Option<&str>,
+    ) -> Result<bool, DbErr> {
+        let mut update = saga::Entity::update_many()
+            .col_expr(saga::Column::Step, Expr::value(step))
+            .col_expr(saga::Column::State, Expr::value(state))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()));
+        if let Some(error) = error {
+            update = update.col_expr(saga::Column::LastError, Expr::value(bounded(error)));
+        }
+        let result = update
+            .filter(saga::Column::Id.eq(id))
+            .filter(saga::Column::Fence.lte(fence))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected == 1)
+    }
+
+    /// Notes a failed attempt without moving the saga.
+    pub async fn note_error(&self, id: &str, error: &str) -> Result<(), DbErr> {
+        saga::Entity::update_many()
+            .col_expr(saga::Column::LastError, Expr::value(bounded(error)))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+            .filter(saga::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<saga::Model>, DbErr> {
+        saga::Entity::find_by_id(id).one(&self.db).await
+    }
+
+    /// Sagas in a state, most recently updated first.
+    pub async fn by_state(&self, state: &str, limit: u64) -> Result<Vec<saga::Model>, DbErr> {
+        saga::Entity::find()
+            .filter(saga::Column::State.eq(state))
+            .order_by_desc(saga::Column::UpdatedAtMs)
+            .limit(limit)
+            .all(&self.db)
+            .await
+    }
+
+    /// Running sagas that made no progress since `before_ms`.
+    pub async fn stalled(&self, before_ms: i64, limit: u64) -> Result<Vec<saga::Model>, DbErr> {
+        saga::Entity::find()
+            .filter(saga::Column::State.eq(state::RUNNING))
+            .filter(saga::Column::UpdatedAtMs.lt(before_ms))
+            .order_by_asc(saga::Column::UpdatedAtMs)
+            .limit(limit)
+            .all(&self.db)
+            .await
+    }
+
+    /// Marks a saga stuck and keeps its message as a dead letter.
+    pub async fn bury(&self, letter_id: i64, saga_id: &str, message: &str, reason: &str) -> Result<(), DbErr> {
+        let now = now_ms();
+        dead_letter::Entity::insert(dead_letter::ActiveModel {
+            id: Set(letter_id),
+            saga_id: Set(saga_id.to_owned()),
+            message: Set(message.to_owned()),
+            reason: Set(bounded(reason)),
+            created_at_ms: Set(now),
+        })
+        .exec_without_returning(&self.db)
+        .await?;
+        saga::Entity::update_many()
+            .col_expr(saga::Column::State, Expr::value(state::STUCK))
+            .col_expr(saga::Column::LastError, Expr::value(bounded(reason)))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
+            .filter(saga::Column::Id.eq(saga_id))
+            .filter(saga::Column::State.is_not_in([state::COMPLETED, state::COMPENSATED]))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn dead_letters(&self, limit: u64) -> Result<Vec<dead_letter::Model>, DbErr> {
+        dead_letter::Entity::find()
+            .order_by_desc(dead_letter::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+    }
+
+    pub async fn dead_letter(&self, id: i64) -> Result<Option<dead_letter::Model>, DbErr> {
+        dead_letter::Entity::find_by_id(id).one(&self.db).await
+    }
+
+    /// Removes a replayed dead letter and sets its saga running again.
+    pub async fn unbury(&self, letter: &dead_letter::Model) -> Result<(), DbErr> {
+        dead_letter::Entity::delete_by_id(letter.id).exec(&self.db).await?;
+        saga::Entity::update_many()
+            .col_expr(saga::Column::State, Expr::value(state::RUNNING))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+            .filter(saga::Column::Id.eq(&letter.saga_id))
+            .filter(saga::Column::State.eq(state::STUCK))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes finished sagas older than `before_ms`: saga state stays bounded.
+    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64, DbErr> {
+        let result = saga::Entity::delete_many()
+            .filter(saga::Column::State.is_in([state::COMPLETED, state::COMPENSATED]))
+            .filter(saga::Column::UpdatedAtMs.lt(before_ms))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected)
+    }
+}

@@ -1,0 +1,328 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use redpacket_campaign::{CampaignService, RedisPool, Store};
+use redpacket_common::Secret;
+use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::testing::{Backend, TestDatabase};
+use redpacket_migrations::{Migrator, MigratorTrait};
+use redpacket_saga_worker::broker::Broker;
+use redpacket_saga_worker::store::SagaStore;
+use redpacket_saga_worker::{Application, SagaConfig, TestSwitches};
+use redpacket_wallet::Ledger;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::faults::{self, Faults};
+
+pub fn redis_url() -> String {
+    std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("RP_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A saga worker in its own runtime and thread: it can stop cleanly or crash like a process.
+pub struct SagaProcess {
+    stop: Option<oneshot::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub broker: Broker,
+    pub url: String,
+}
+
+impl SagaProcess {
+    pub fn start(config: SagaConfig, switches: TestSwitches) -> SagaProcess {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<bool>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let app = Application::build(config, switches).await.expect("saga worker starts");
+                ready_tx.send((app.broker().clone(), app.port())).unwrap();
+                let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
+                let server = tokio::spawn(app.run_until_stopped(async {
+                    let _ = graceful_rx.await;
+                }));
+                let graceful = stopped.await.unwrap_or(true);
+                if graceful {
+                    let _ = graceful_tx.send(());
+                    let _ = server.await;
+                }
+                // Not graceful: leaving block_on drops the runtime with every task in it, like a
+                // process that dies (no acks, no lease releases).
+            });
+            runtime.shutdown_background();
+        });
+        let (broker, port) = ready_rx.recv_timeout(Duration::from_secs(30)).expect("saga worker ready");
+        SagaProcess {
+            stop: Some(stop),
+            thread: Some(thread),
+            broker,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.finish(true);
+    }
+
+    pub fn crash(mut self) {
+        self.finish(false);
+    }
+
+    fn finish(&mut self, graceful: bool) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(graceful);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SagaProcess {
+    fn drop(&mut self) {
+        self.finish(true);
+    }
+}
+
+/// The wallet, the campaign service and the saga worker, wired together.
+pub struct System {
+    pub client: reqwest::Client,
+    pub wallet_url: String,
+    pub campaign_url: String,
+    pub ledger: Ledger,
+    pub campaigns: CampaignService,
+    pub sagas: SagaStore,
+    pub faults: Faults,
+    pub worker: Option<SagaProcess>,
+    pub config: SagaConfig,
+    redis_prefix: String,
+    databases: Vec<TestDatabase>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+async fn database() -> (TestDatabase, sea_orm::DatabaseConnection) {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let db = redpacket_common::db::connect(&database.url, 8).await.unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    (database, db)
+}
+
+pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System {
+    redpacket_common::telemetry::install_crypto_provider();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let redis_prefix = format!("rpt:{suffix}");
+    let amqp_prefix = format!("rpt.{suffix}");
+    let mut stops = Vec::new();
+    let mut databases = Vec::new();
+
+    let (wallet_database, wallet_db) = database().await;
+    databases.push(wallet_database);
+    let wallet = redpacket_wallet::Application::with_database(wallet_db.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let wallet_url = format!("http://127.0.0.1:{}", wallet.port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(wallet.run_until_stopped(async { let _ = stopped.await; }));
+    stops.push(stop);
+
+    let (campaign_database, campaign_db) = database().await;
+    databases.push(campaign_database);
+    let pool = RedisPool::connect(&redis_url(), &redis_prefix).await.unwrap();
+    let campaigns = CampaignService::new(
+        Store::new(campaign_db),
+        Arc::new(pool),
+        Arc::new(SnowflakeGenerator::new(rand::random::<u32>() % 512).unwrap()),
+        4,
+    );
+    let campaign = redpacket_campaign::Application::with_service(campaigns.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let campaign_url = format!("http://127.0.0.1:{}", campaign.port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(campaign.run_until_stopped(async { let _ = stopped.await; }));
+    stops.push(stop);
+
+    let faults = faults::start(wallet_url.clone()).await;
+    let (saga_database, saga_db) = database().await;
+    let saga_url = saga_database.url.clone();
+    databases.push(saga_database);
+    let config = SagaConfig {
+        database_url: Secret::new(saga_url),
+        redis_url: Secret::new(redis_url()),
+        amqp_url: Secret::new(amqp_url()),
+        campaign_url: campaign_url.clone(),
+        wallet_url: faults.url.clone(),
+        worker_id: 512 + rand::random::<u32>() % 500,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis_prefix: redis_prefix.clone(),
+        amqp_prefix,
+        prefetch: 256,
+        credit_batch,
+        credit_linger: Duration::from_millis(5),
+        retry_base: Duration::from_millis(20),
+        lease_ttl: Duration::from_millis(1500),
+        db_max_connections: 8,
+    };
+    let worker = SagaProcess::start(config.clone(), switches);
+    System {
+        client: reqwest::Client::new(),
+        wallet_url,
+        campaign_url,
+        ledger: Ledger::new(wallet_db),
+        campaigns,
+        sagas: SagaStore::new(saga_db),
+        faults,
+        worker: Some(worker),
+        config,
+        redis_prefix,
+        databases,
+        stops,
+    }
+}
+
+pub fn rfc3339_in(offset_ms: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl System {
+    pub async fn post(&self, url: &str, body: Value) -> reqwest::Response {
+        self.client.post(url).json(&body).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, url: &str) -> Value {
+        let response = self.client.get(url).send().await.unwrap();
+        assert!(response.status().is_success(), "GET {url}: {}", response.status());
+        response.json().await.unwrap()
+    }
+
+    pub async fn top_up(&self, merchant: &str, amount: i64) {
+        let response = self
+            .post(&format!("{}/transfers", self.wallet_url), json!({"id": format!("topup-{merchant}-{amount}"),
+                "debit": "external", "credit": format!("merchant:{merchant}"), "amount": amount, "currency": "CNY"}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+
+    pub async fn balance(&self, account: &str) -> i64 {
+        let response = self.client.get(format!("{}/accounts/{account}", self.wallet_url)).send().await.unwrap();
+        if response.status() == 404 {
+            return 0;
+        }
+        response.json::<Value>().await.unwrap()["balance"].as_i64().unwrap()
+    }
+
+    /// Creates a campaign starting now; returns its id.
+    pub async fn create_campaign(&self, merchant: &str, total: i64, packets: i64, ends_in_ms: i64) -> String {
+        let response = self
+            .post(&format!("{}/campaigns", self.campaign_url), json!({
+                "merchant_id": merchant, "title": "saga test", "currency": "CNY",
+                "total_amount": total, "packet_count": packets, "split": {"mode": "double_mean"},
+                "starts_at": rfc3339_in(-1000), "ends_at": rfc3339_in(ends_in_ms), "seed": 7,
+            }))
+            .await;
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn campaign(&self, id: &str) -> Value {
+        self.get_json(&format!("{}/campaigns/{id}", self.campaign_url)).await
+    }
+
+    pub async fn stats(&self, id: &str) -> Value {
+        self.get_json(&format!("{}/campaigns/{id}/stats", self.campaign_url)).await
+    }
+
+    /// Polls until `check` holds, for at most `seconds`.
+    pub async fn wait_until<F, Fut>(&self, seconds: u64, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out after {seconds} s waiting until {what}");
+    }
+
+    pub async fn wait_for_status(&self, id: &str, status: &str, seconds: u64) {
+        self.wait_until(seconds, &format!("campaign {id} is {status}"), || async {
+            self.campaign(id).await["status"] == status
+        })
+        .await;
+    }
+
+    /// Grabs with `users` distinct users, `in_flight` at a time; returns the granted grabs.
+    pub async fn grab_all(&self, id: &str, users: usize, in_flight: usize) -> Vec<Value> {
+        use futures::StreamExt;
+        let url = format!("{}/campaigns/{id}/grab", self.campaign_url);
+        futures::stream::iter(0..users)
+            .map(|i| {
+                let (client, url) = (self.client.clone(), url.clone());
+                async move {
+                    let response = client.post(url).json(&json!({"user_id": format!("u{i}")})).send().await.unwrap();
+                    if response.status() == 200 { Some(response.json::<Value>().await.unwrap()) } else { None }
+                }
+            })
+            .buffer_unordered(in_flight)
+            .filter_map(|grab| async move { grab })
+            .collect()
+            .await
+    }
+
+    pub async fn assert_ledger(&self) {
+        for check in self.ledger.check_invariants().await.unwrap() {
+            assert!(check.ok, "{}: {}", check.name, check.detail);
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(worker) = self.worker.take() {
+            let broker = worker.broker.clone();
+            worker.stop();
+            delete_topology(&broker).await;
+        }
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.redis_prefix)).query_async(&mut redis).await.unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(keys).query_async(&mut redis).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for database in self.databases.drain(..) {
+            database.drop_database().await;
+        }
+    }
+}
+
+/// Deletes a test's exchange and queues from the broker.
+pub async fn delete_topology(broker: &Broker) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(connection) = lapin::Connection::connect(
+        &amqp_url(),
+        lapin::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current()),
+    )
+    .await
+    else {
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else { return };
+    let topology = broker.topology();
+    let mut queues = vec![topology.work.clone(), topology.dead.clone()];
+    queues.extend((0..redpacket_saga_worker::broker::RETRY_LEVELS).map(|level| topology.retry_queue(level)));
+    for queue in queues {
+        let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.exchange_delete(&topology.exchange, ExchangeDeleteOptions::default()).await;
+    let _ = connection.close(200, "done".into()).await;
+}

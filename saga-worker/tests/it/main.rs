@@ -1,0 +1,6 @@
+//! The sagas end to end: the wallet, the campaign service and the saga worker on port 0, on
+//! real PostgreSQL, Redis and RabbitMQ.
+
+mod faults;
+mod helpers;
+mod sagas;
