@@ -862,9 +862,13 @@ impl CampaignApi {
             .iter()
             .map(|id| id.parse::<i64>())
             .collect::<Result<_, _>>()
-            .map_err(|_| Problem::unprocessable("invalid_field", "ids must be event ids").with_field("ids"))?;
+            .map_err(|_| {
+                Problem::unprocessable("invalid_field", "ids must be event ids").with_field("ids")
+            })?;
         if ids.len() > 1000 {
-            return Err(Problem::unprocessable("invalid_field", "at most 1,000 ids").with_field("ids"));
+            return Err(
+                Problem::unprocessable("invalid_field", "at most 1,000 ids").with_field("ids")
+            );
         }
         self.service
             .store()

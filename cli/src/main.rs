@@ -57,6 +57,14 @@ enum Command {
         #[arg(long)]
         migrate: bool,
     },
+    /// Run the saga worker (hand-off relay, grab / funding / refund sagas, sweeper). Needs
+    /// RP_DATABASE_URL, RP_REDIS_URL, RP_AMQP_URL, RP_CAMPAIGN_URL, RP_WALLET_URL and
+    /// RP_WORKER_ID; listens on RP_LISTEN (default 127.0.0.1:8083).
+    SagaWorker {
+        /// Apply pending migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
     /// Apply, revert or list the schema migrations on RP_DATABASE_URL.
     Migrate {
         #[command(subcommand)]
@@ -126,6 +134,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("applying migrations")?;
             }
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::SagaWorker { migrate } => {
+            let config = redpacket_saga_worker::SagaConfig::from_source(&source)?;
+            if migrate {
+                let db = redpacket_common::db::connect(config.database_url.expose(), 2).await?;
+                Migrator::up(&db, None)
+                    .await
+                    .context("applying migrations")?;
+            }
+            let app = redpacket_saga_worker::Application::build(config, Default::default()).await?;
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Migrate { action } => migrate(&source, action).await,

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+pub use prometheus::IntGauge;
 /// Metric types for services that add their own collectors.
 pub use prometheus::core::{Collector, Desc};
 pub use prometheus::proto::MetricFamily;
-pub use prometheus::IntGauge;
 
 use crate::config::{ConfigError, ConfigSource};
 

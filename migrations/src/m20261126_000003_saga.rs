@@ -38,7 +38,12 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(SagaSagas::Table)
-                    .col(ColumnDef::new(SagaSagas::Id).string_len(100).not_null().primary_key())
+                    .col(
+                        ColumnDef::new(SagaSagas::Id)
+                            .string_len(100)
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(SagaSagas::Kind).string_len(32).not_null())
                     .col(ColumnDef::new(SagaSagas::State).string_len(16).not_null())
                     .col(ColumnDef::new(SagaSagas::Step).string_len(32).not_null())
@@ -47,8 +52,16 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(SagaSagas::Payload).text().not_null())
                     .col(ColumnDef::new(SagaSagas::RequestId).string_len(128).null())
                     .col(ColumnDef::new(SagaSagas::Fence).big_integer().not_null())
-                    .col(ColumnDef::new(SagaSagas::CreatedAtMs).big_integer().not_null())
-                    .col(ColumnDef::new(SagaSagas::UpdatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(SagaSagas::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaSagas::UpdatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -66,11 +79,24 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(SagaDeadLetters::Table)
-                    .col(ColumnDef::new(SagaDeadLetters::Id).big_integer().not_null().primary_key())
-                    .col(ColumnDef::new(SagaDeadLetters::SagaId).string_len(100).not_null())
+                    .col(
+                        ColumnDef::new(SagaDeadLetters::Id)
+                            .big_integer()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaDeadLetters::SagaId)
+                            .string_len(100)
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(SagaDeadLetters::Message).text().not_null())
                     .col(ColumnDef::new(SagaDeadLetters::Reason).text().not_null())
-                    .col(ColumnDef::new(SagaDeadLetters::CreatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(SagaDeadLetters::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await

@@ -98,7 +98,8 @@ impl From<dead_letter::Model> for DeadLetterView {
             id: model.id.to_string(),
             saga_id: model.saga_id,
             reason: model.reason,
-            message: serde_json::from_str(&model.message).unwrap_or(serde_json::Value::String(model.message)),
+            message: serde_json::from_str(&model.message)
+                .unwrap_or(serde_json::Value::String(model.message)),
             created_at: rfc3339(model.created_at_ms),
         }
     }
@@ -123,7 +124,10 @@ fn limit_of(limit: Option<u64>) -> Result<u64, Problem> {
     if (1..=500).contains(&limit) {
         Ok(limit)
     } else {
-        Err(Problem::bad_request("invalid_limit", "`limit` must be between 1 and 500").with_field("limit"))
+        Err(
+            Problem::bad_request("invalid_limit", "`limit` must be between 1 and 500")
+                .with_field("limit"),
+        )
     }
 }
 
@@ -150,7 +154,9 @@ impl SagaApi {
         limit: Query<Option<u64>>,
     ) -> Result<Json<SagaList>, Problem> {
         if !["running", "completed", "compensated", "stuck"].contains(&state.0.as_str()) {
-            return Err(Problem::bad_request("invalid_state", "unknown saga state").with_field("state"));
+            return Err(
+                Problem::bad_request("invalid_state", "unknown saga state").with_field("state")
+            );
         }
         let sagas = self
             .store
@@ -180,9 +186,18 @@ impl SagaApi {
     }
 
     /// Replay a dead letter: its message goes back to the work queue with fresh retries.
-    #[oai(path = "/dead-letters/:id/replay", method = "post", tag = "ApiTags::DeadLetters")]
+    #[oai(
+        path = "/dead-letters/:id/replay",
+        method = "post",
+        tag = "ApiTags::DeadLetters"
+    )]
     async fn replay(&self, id: Path<String>) -> Result<Json<SagaView>, Problem> {
-        let not_found = || Problem::not_found("dead_letter_not_found", format!("no dead letter `{}`", id.0));
+        let not_found = || {
+            Problem::not_found(
+                "dead_letter_not_found",
+                format!("no dead letter `{}`", id.0),
+            )
+        };
         let letter_id: i64 = id.0.parse().map_err(|_| not_found())?;
         let letter = self
             .store
@@ -191,7 +206,10 @@ impl SagaApi {
             .map_err(store_failure)?
             .ok_or_else(not_found)?;
         let mut envelope = Envelope::from_bytes(letter.message.as_bytes()).map_err(|reason| {
-            Problem::unprocessable("unreadable_message", format!("the dead letter cannot be replayed: {reason}"))
+            Problem::unprocessable(
+                "unreadable_message",
+                format!("the dead letter cannot be replayed: {reason}"),
+            )
         })?;
         envelope.attempt = 0;
         self.broker
@@ -204,6 +222,8 @@ impl SagaApi {
             .await
             .map_err(store_failure)?
             .map(|saga| Json(saga.into()))
-            .ok_or_else(|| Problem::not_found("saga_not_found", format!("no saga `{}`", letter.saga_id)))
+            .ok_or_else(|| {
+                Problem::not_found("saga_not_found", format!("no saga `{}`", letter.saga_id))
+            })
     }
 }

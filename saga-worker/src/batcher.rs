@@ -46,7 +46,12 @@ impl CreditBatcher {
     }
 }
 
-async fn run(wallet: WalletClient, mut receiver: mpsc::Receiver<Job>, max_batch: usize, linger: Duration) {
+async fn run(
+    wallet: WalletClient,
+    mut receiver: mpsc::Receiver<Job>,
+    max_batch: usize,
+    linger: Duration,
+) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;

@@ -105,7 +105,11 @@ fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
 
 impl Broker {
     /// Connects and declares the topology (idempotently).
-    pub async fn connect(uri: &str, prefix: &str, retry_base: Duration) -> Result<Self, BrokerError> {
+    pub async fn connect(
+        uri: &str,
+        prefix: &str,
+        retry_base: Duration,
+    ) -> Result<Self, BrokerError> {
         let broker = Broker {
             uri: uri.into(),
             topology: Topology::new(prefix, retry_base),
@@ -123,7 +127,9 @@ impl Broker {
         let connection = Connection::connect(&self.uri, properties()).await?;
         let channel = connection.create_channel().await?;
         declare(&channel, &self.topology).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Live {
             connection,
             publisher: channel,
@@ -149,10 +155,7 @@ impl Broker {
     pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
         self.publisher().await?;
         let live = self.live.lock().await;
-        let connection = &live
-            .as_ref()
-            .ok_or(BrokerError::Nacked)?
-            .connection;
+        let connection = &live.as_ref().ok_or(BrokerError::Nacked)?.connection;
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -178,7 +181,7 @@ impl Broker {
     /// Closes the connection (tests use it to play a broker that drops its clients).
     pub async fn close_connection(&self) {
         if let Some(live) = self.live.lock().await.take() {
-            let _ = live.connection.close(320, "closed on purpose".into()).await;
+            let _ = live.connection.close(320, "closed on purpose").await;
         }
     }
 
@@ -264,7 +267,9 @@ async fn declare(channel: &Channel, topology: &Topology) -> Result<(), BrokerErr
         AMQPValue::LongString(LongString::from("quorum")),
     )]);
     for (queue, key) in [(&topology.work, "work"), (&topology.dead, "dead")] {
-        channel.queue_declare(queue, durable, quorum.clone()).await?;
+        channel
+            .queue_declare(queue, durable, quorum.clone())
+            .await?;
         channel
             .queue_bind(
                 queue,

@@ -99,7 +99,11 @@ impl WalletClient {
         }
     }
 
-    pub async fn transfer(&self, transfer: &Transfer, request_id: &str) -> Result<Value, StepError> {
+    pub async fn transfer(
+        &self,
+        transfer: &Transfer,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
         send(
             self.http
                 .post(format!("{}/transfers", self.base))
@@ -111,8 +115,12 @@ impl WalletClient {
     }
 
     /// Applies up to 1,000 transfers; one result per transfer, in order.
-    pub async fn transfer_batch(&self, transfers: &[Transfer]) -> Result<Vec<Result<(), StepError>>, StepError> {
-        let body = json!({"transfers": transfers.iter().map(Transfer::to_json).collect::<Vec<_>>()});
+    pub async fn transfer_batch(
+        &self,
+        transfers: &[Transfer],
+    ) -> Result<Vec<Result<(), StepError>>, StepError> {
+        let body =
+            json!({"transfers": transfers.iter().map(Transfer::to_json).collect::<Vec<_>>()});
         let response = self
             .http
             .post(format!("{}/transfers/batch", self.base))
@@ -126,7 +134,9 @@ impl WalletClient {
         }
         let results: BatchResults = response.json().await.map_err(from_reqwest)?;
         if results.results.len() != transfers.len() {
-            return Err(StepError::transient("the wallet answered a batch with the wrong number of results"));
+            return Err(StepError::transient(
+                "the wallet answered a batch with the wrong number of results",
+            ));
         }
         Ok(results
             .results
@@ -192,27 +202,75 @@ impl CampaignClient {
             .timeout(CALL_TIMEOUT)
     }
 
-    pub async fn record_claim(&self, claim_id: &str, body: &Value, request_id: &str) -> Result<Value, StepError> {
-        send(self.post(&format!("/claims/{claim_id}/record"), request_id).json(body)).await
+    pub async fn record_claim(
+        &self,
+        claim_id: &str,
+        body: &Value,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/record"), request_id)
+                .json(body),
+        )
+        .await
     }
 
-    pub async fn mark_credited(&self, claim_id: &str, request_id: &str) -> Result<Value, StepError> {
-        send(self.post(&format!("/claims/{claim_id}/credited"), request_id).json(&json!({}))).await
+    pub async fn mark_credited(
+        &self,
+        claim_id: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/credited"), request_id)
+                .json(&json!({})),
+        )
+        .await
     }
 
-    pub async fn mark_compensated(&self, claim_id: &str, reason: &str, request_id: &str) -> Result<Value, StepError> {
-        send(self.post(&format!("/claims/{claim_id}/compensated"), request_id).json(&json!({ "reason": reason }))).await
+    pub async fn mark_compensated(
+        &self,
+        claim_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/compensated"), request_id)
+                .json(&json!({ "reason": reason })),
+        )
+        .await
     }
 
-    pub async fn mark_funded(&self, campaign_id: &str, request_id: &str) -> Result<Value, StepError> {
-        send(self.post(&format!("/campaigns/{campaign_id}/funded"), request_id).json(&json!({}))).await
+    pub async fn mark_funded(
+        &self,
+        campaign_id: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/campaigns/{campaign_id}/funded"), request_id)
+                .json(&json!({})),
+        )
+        .await
     }
 
-    pub async fn mark_rejected(&self, campaign_id: &str, reason: &str, request_id: &str) -> Result<Value, StepError> {
-        send(self.post(&format!("/campaigns/{campaign_id}/rejected"), request_id).json(&json!({ "reason": reason }))).await
+    pub async fn mark_rejected(
+        &self,
+        campaign_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/campaigns/{campaign_id}/rejected"), request_id)
+                .json(&json!({ "reason": reason })),
+        )
+        .await
     }
 
-    pub async fn mark_settled(&self, campaign_id: &str, amount_refunded: i64, request_id: &str) -> Result<Value, StepError> {
+    pub async fn mark_settled(
+        &self,
+        campaign_id: &str,
+        amount_refunded: i64,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
         send(
             self.post(&format!("/campaigns/{campaign_id}/settled"), request_id)
                 .json(&json!({ "amount_refunded": amount_refunded })),

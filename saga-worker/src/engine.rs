@@ -53,7 +53,10 @@ impl Engine {
         let saga_id = envelope.event.saga_id();
         let lease = match self
             .leases
-            .try_acquire(&format!("{}:saga:{saga_id}", self.lease_prefix), self.lease_ttl)
+            .try_acquire(
+                &format!("{}:saga:{saga_id}", self.lease_prefix),
+                self.lease_ttl,
+            )
             .await
         {
             Ok(Some(lease)) => lease,
@@ -120,7 +123,9 @@ enum Next {
 fn transient_or_dead(err: StepError) -> Next {
     match err {
         StepError::Transient(reason) => Next::Stop(Outcome::Retry(reason)),
-        StepError::Permanent { code, detail } => Next::Stop(Outcome::Dead(format!("{code}: {detail}"))),
+        StepError::Permanent { code, detail } => {
+            Next::Stop(Outcome::Dead(format!("{code}: {detail}")))
+        }
     }
 }
 
@@ -136,7 +141,12 @@ impl Run<'_> {
             };
             match next {
                 Next::Step(to) => {
-                    match self.engine.store.advance(self.saga_id, self.fence, to, state::RUNNING, None).await {
+                    match self
+                        .engine
+                        .store
+                        .advance(self.saga_id, self.fence, to, state::RUNNING, None)
+                        .await
+                    {
                         Ok(true) => step = to.to_owned(),
                         // A newer executor took over: stop without touching anything.
                         Ok(false) => return Outcome::Done,
@@ -147,7 +157,13 @@ impl Run<'_> {
                     return match self
                         .engine
                         .store
-                        .advance(self.saga_id, self.fence, "done", final_state, reason.as_deref())
+                        .advance(
+                            self.saga_id,
+                            self.fence,
+                            "done",
+                            final_state,
+                            reason.as_deref(),
+                        )
                         .await
                     {
                         Ok(_) => Outcome::Done,
@@ -181,9 +197,16 @@ impl Run<'_> {
                     "amount": amount, "currency": currency, "grabbed_at_ms": grabbed_at_ms,
                     "request_id": self.request_id,
                 });
-                match campaign.record_claim(claim_id, &body, self.request_id).await {
-                    Ok(claim) if claim["status"] == "credited" => Next::Finish(state::COMPLETED, None),
-                    Ok(claim) if claim["status"] == "compensated" => Next::Finish(state::COMPENSATED, None),
+                match campaign
+                    .record_claim(claim_id, &body, self.request_id)
+                    .await
+                {
+                    Ok(claim) if claim["status"] == "credited" => {
+                        Next::Finish(state::COMPLETED, None)
+                    }
+                    Ok(claim) if claim["status"] == "compensated" => {
+                        Next::Finish(state::COMPENSATED, None)
+                    }
                     Ok(_) => Next::Step("credit"),
                     Err(err) => transient_or_dead(err),
                 }
@@ -201,11 +224,22 @@ impl Run<'_> {
                     Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
                     // The wallet refused for good: undo the grab.
                     Err(StepError::Permanent { code, detail }) => {
-                        tracing::warn!(claim = claim_id, code, detail, "credit refused; compensating");
+                        tracing::warn!(
+                            claim = claim_id,
+                            code,
+                            detail,
+                            "credit refused; compensating"
+                        );
                         match self
                             .engine
                             .store
-                            .advance(self.saga_id, self.fence, "compensate", state::RUNNING, Some(&format!("{code}: {detail}")))
+                            .advance(
+                                self.saga_id,
+                                self.fence,
+                                "compensate",
+                                state::RUNNING,
+                                Some(&format!("{code}: {detail}")),
+                            )
                             .await
                         {
                             Ok(true) => Next::Step("compensate"),
@@ -229,7 +263,10 @@ impl Run<'_> {
                     .flatten()
                     .and_then(|saga| saga.last_error)
                     .unwrap_or_else(|| "the wallet refused the credit".to_owned());
-                match campaign.mark_compensated(claim_id, &reason, self.request_id).await {
+                match campaign
+                    .mark_compensated(claim_id, &reason, self.request_id)
+                    .await
+                {
                     Ok(_) => Next::Finish(state::COMPENSATED, Some(reason)),
                     Err(err) => transient_or_dead(err),
                 }
@@ -258,14 +295,25 @@ impl Run<'_> {
                     amount: *total_amount,
                     currency: currency.clone(),
                 };
-                match self.engine.wallet.transfer(&transfer, self.request_id).await {
+                match self
+                    .engine
+                    .wallet
+                    .transfer(&transfer, self.request_id)
+                    .await
+                {
                     Ok(_) => Next::Step("mark_funded"),
                     Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
                     Err(StepError::Permanent { code, detail }) => {
                         match self
                             .engine
                             .store
-                            .advance(self.saga_id, self.fence, "reject", state::RUNNING, Some(&format!("{code}: {detail}")))
+                            .advance(
+                                self.saga_id,
+                                self.fence,
+                                "reject",
+                                state::RUNNING,
+                                Some(&format!("{code}: {detail}")),
+                            )
                             .await
                         {
                             Ok(true) => Next::Step("reject"),
@@ -293,7 +341,10 @@ impl Run<'_> {
                     .flatten()
                     .and_then(|saga| saga.last_error)
                     .unwrap_or_else(|| "the funding transfer was refused".to_owned());
-                match campaign.mark_rejected(campaign_id, &reason, self.request_id).await {
+                match campaign
+                    .mark_rejected(campaign_id, &reason, self.request_id)
+                    .await
+                {
                     Ok(_) => Next::Finish(state::COMPENSATED, Some(reason)),
                     Err(err) => transient_or_dead(err),
                 }
@@ -316,14 +367,19 @@ impl Run<'_> {
             "start" | "wait_funding" => {
                 // The funding must be over, or its money could land after the refund.
                 match self.engine.store.get(&format!("fund:{campaign_id}")).await {
-                    Ok(Some(funding)) if state::is_terminal(&funding.state) => Next::Step("wait_claims"),
+                    Ok(Some(funding)) if state::is_terminal(&funding.state) => {
+                        Next::Step("wait_claims")
+                    }
                     Ok(_) => Next::Stop(Outcome::Retry("the funding saga has not finished".into())),
                     Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
                 }
             }
             "wait_claims" => match self.engine.campaign.stats(campaign_id).await {
                 Ok(stats) if stats["packets_in_flight"] == 0 => Next::Step("refund"),
-                Ok(stats) => Next::Stop(Outcome::Retry(format!("{} claims still in flight", stats["packets_in_flight"]))),
+                Ok(stats) => Next::Stop(Outcome::Retry(format!(
+                    "{} claims still in flight",
+                    stats["packets_in_flight"]
+                ))),
                 Err(err) => transient_or_dead(err),
             },
             "refund" | "settle" => {
@@ -347,10 +403,20 @@ impl Run<'_> {
                         amount: refund,
                         currency: currency.clone(),
                     };
-                    if let Err(err) = self.engine.wallet.transfer(&transfer, self.request_id).await {
+                    if let Err(err) = self
+                        .engine
+                        .wallet
+                        .transfer(&transfer, self.request_id)
+                        .await
+                    {
                         return transient_or_dead(err);
                     }
-                    match self.engine.store.advance(self.saga_id, self.fence, "settle", state::RUNNING, None).await {
+                    match self
+                        .engine
+                        .store
+                        .advance(self.saga_id, self.fence, "settle", state::RUNNING, None)
+                        .await
+                    {
                         Ok(true) => {}
                         Ok(false) => return Next::Stop(Outcome::Done),
                         Err(err) => return Next::Stop(Outcome::Retry(err.to_string())),
@@ -366,7 +432,12 @@ impl Run<'_> {
                     }
                     Err(err) => return transient_or_dead(err),
                 }
-                match self.engine.campaign.mark_settled(campaign_id, refund, self.request_id).await {
+                match self
+                    .engine
+                    .campaign
+                    .mark_settled(campaign_id, refund, self.request_id)
+                    .await
+                {
                     Ok(_) => Next::Finish(state::COMPLETED, None),
                     Err(err) => transient_or_dead(err),
                 }

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use redpacket_common::http::{BoundListener, DEFAULT_BODY_LIMIT_BYTES, Readiness, service_endpoint};
+use redpacket_common::http::{
+    BoundListener, DEFAULT_BODY_LIMIT_BYTES, Readiness, service_endpoint,
+};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::lease::LeaseManager;
 use redpacket_common::telemetry::Metrics;
@@ -81,7 +83,10 @@ impl SagaConfig {
             return Err(ConfigError::Malformed {
                 var: "RP_WORKER_ID".into(),
                 shown: format!(" `{worker_id}`"),
-                reason: format!("must be between 0 and {}", redpacket_common::ids::MAX_WORKER_ID),
+                reason: format!(
+                    "must be between 0 and {}",
+                    redpacket_common::ids::MAX_WORKER_ID
+                ),
             });
         }
         let credit_batch: usize = source.or("RP_SAGA_CREDIT_BATCH", 500)?;
@@ -138,7 +143,11 @@ struct Ready {
 impl Readiness for Ready {
     fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            self.store.db().ping().await.map_err(|err| format!("database: {err}"))?;
+            self.store
+                .db()
+                .ping()
+                .await
+                .map_err(|err| format!("database: {err}"))?;
             let _: String = redis::cmd("PING")
                 .query_async(&mut self.redis.clone())
                 .await
@@ -171,16 +180,21 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Connects to the database, Redis and RabbitMQ, declares the topology and binds the API.
     pub async fn build(config: SagaConfig, switches: TestSwitches) -> anyhow::Result<Self> {
-        let db = redpacket_common::db::connect(config.database_url.expose(), config.db_max_connections)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot connect to RP_DATABASE_URL: {err}"))?;
+        let db =
+            redpacket_common::db::connect(config.database_url.expose(), config.db_max_connections)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot connect to RP_DATABASE_URL: {err}"))?;
         let redis = redis::Client::open(config.redis_url.expose().as_str())?
             .get_connection_manager()
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect to RP_REDIS_URL: {err}"))?;
-        let broker = Broker::connect(config.amqp_url.expose(), &config.amqp_prefix, config.retry_base)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot connect to RP_AMQP_URL: {err}"))?;
+        let broker = Broker::connect(
+            config.amqp_url.expose(),
+            &config.amqp_prefix,
+            config.retry_base,
+        )
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot connect to RP_AMQP_URL: {err}"))?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()?;
@@ -188,7 +202,11 @@ impl Application {
         let engine = Engine {
             store: SagaStore::new(db),
             campaign: CampaignClient::new(http, &config.campaign_url),
-            batcher: CreditBatcher::start(wallet.clone(), config.credit_batch, config.credit_linger),
+            batcher: CreditBatcher::start(
+                wallet.clone(),
+                config.credit_batch,
+                config.credit_linger,
+            ),
             wallet,
             leases: LeaseManager::new(redis.clone()),
             lease_prefix: config.redis_prefix.clone(),
@@ -221,7 +239,10 @@ impl Application {
 
     /// Runs everything until `shutdown` resolves; then stops taking messages and lets the ones
     /// in flight finish (unacknowledged ones return to the queue).
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let prefix = self.config.redis_prefix.clone();
         let tasks = tokio_util::task::TaskTracker::new();
@@ -276,7 +297,8 @@ impl Application {
             store: self.engine.store.clone(),
             redis: self.redis.clone(),
         };
-        let endpoint = service_endpoint(routes, metrics, Arc::new(ready), DEFAULT_BODY_LIMIT_BYTES).boxed();
+        let endpoint =
+            service_endpoint(routes, metrics, Arc::new(ready), DEFAULT_BODY_LIMIT_BYTES).boxed();
         tracing::info!(addr = %self.listener.local_addr(), "saga worker listening");
         let served = self.listener.serve(endpoint, shutdown).await;
         stop.cancel();
@@ -289,7 +311,10 @@ impl Application {
 fn register_worker_metrics(metrics: &Metrics, stats: Arc<WorkerStats>) {
     let gauge = prometheus_gauge;
     let done = gauge("saga_messages_done", "Saga messages handled to completion");
-    let retried = gauge("saga_messages_retried", "Saga messages sent to a retry queue");
+    let retried = gauge(
+        "saga_messages_retried",
+        "Saga messages sent to a retry queue",
+    );
     let dead = gauge("saga_messages_dead", "Saga messages dead-lettered");
     metrics.register(Box::new(ObservedCounters {
         stats,

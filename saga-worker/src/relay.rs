@@ -35,7 +35,8 @@ const DISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// Turns a hand-off entry into a saga message.
 fn envelope_of(fields: &HashMap<String, Value>) -> Option<Envelope> {
-    let text = |name: &str| -> Option<String> { redis::from_redis_value_ref(fields.get(name)?).ok() };
+    let text =
+        |name: &str| -> Option<String> { redis::from_redis_value_ref(fields.get(name)?).ok() };
     let request_id = text("rid").filter(|rid| !rid.is_empty());
     let claim_id = text("claim")?;
     Some(Envelope::new(
@@ -70,12 +71,19 @@ pub async fn relay_handoff(
         if last_discovery.elapsed() >= DISCOVER_EVERY {
             last_discovery = tokio::time::Instant::now();
             held.retain(|_, lease| !lease.is_lost());
-            let streams: Vec<String> = redis.clone().smembers(&registry_key).await.unwrap_or_default();
+            let streams: Vec<String> = redis
+                .clone()
+                .smembers(&registry_key)
+                .await
+                .unwrap_or_default();
             for stream in streams {
                 if held.contains_key(&stream) {
                     continue;
                 }
-                if let Ok(Some(lease)) = leases.try_acquire(&format!("{lease_prefix}:relay:{stream}"), LEASE_TTL).await {
+                if let Ok(Some(lease)) = leases
+                    .try_acquire(&format!("{lease_prefix}:relay:{stream}"), LEASE_TTL)
+                    .await
+                {
                     let _: Result<(), _> = redis::cmd("XGROUP")
                         .arg("CREATE")
                         .arg(&stream)
@@ -95,7 +103,15 @@ pub async fn relay_handoff(
             }
         }
         let streams: Vec<String> = held.keys().cloned().collect();
-        if let Err(err) = relay_round(&redis, &broker, &streams, &consumer, duplicate_every_message).await {
+        if let Err(err) = relay_round(
+            &redis,
+            &broker,
+            &streams,
+            &consumer,
+            duplicate_every_message,
+        )
+        .await
+        {
             tracing::warn!(error = %err, "relay round failed; retrying");
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -180,7 +196,10 @@ async fn relay_round(
     // Only now, with every message confirmed, the entries leave the stream.
     let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
     for (stream, id, _) in &entries {
-        by_stream.entry(stream.as_str()).or_default().push(id.as_str());
+        by_stream
+            .entry(stream.as_str())
+            .or_default()
+            .push(id.as_str());
     }
     for (stream, ids) in by_stream {
         let _: () = redis::pipe()

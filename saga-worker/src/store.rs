@@ -2,8 +2,8 @@
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 
 use crate::entity::{dead_letter, saga};
@@ -74,12 +74,19 @@ impl SagaStore {
             created_at_ms: Set(now),
             updated_at_ms: Set(now),
         })
-        .on_conflict(OnConflict::column(saga::Column::Id).do_nothing_on([saga::Column::Id]).to_owned())
+        .on_conflict(
+            OnConflict::column(saga::Column::Id)
+                .do_nothing_on([saga::Column::Id])
+                .to_owned(),
+        )
         .exec_without_returning(&self.db)
         .await?;
         let taken = saga::Entity::update_many()
             .col_expr(saga::Column::Fence, Expr::value(fence))
-            .col_expr(saga::Column::Attempts, Expr::col(saga::Column::Attempts).add(1))
+            .col_expr(
+                saga::Column::Attempts,
+                Expr::col(saga::Column::Attempts).add(1),
+            )
             .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
             .filter(saga::Column::Id.eq(id))
             .filter(saga::Column::Fence.lte(fence))
@@ -152,7 +159,13 @@ impl SagaStore {
     }
 
     /// Marks a saga stuck and keeps its message as a dead letter.
-    pub async fn bury(&self, letter_id: i64, saga_id: &str, message: &str, reason: &str) -> Result<(), DbErr> {
+    pub async fn bury(
+        &self,
+        letter_id: i64,
+        saga_id: &str,
+        message: &str,
+        reason: &str,
+    ) -> Result<(), DbErr> {
         let now = now_ms();
         dead_letter::Entity::insert(dead_letter::ActiveModel {
             id: Set(letter_id),
@@ -188,7 +201,9 @@ impl SagaStore {
 
     /// Removes a replayed dead letter and sets its saga running again.
     pub async fn unbury(&self, letter: &dead_letter::Model) -> Result<(), DbErr> {
-        dead_letter::Entity::delete_by_id(letter.id).exec(&self.db).await?;
+        dead_letter::Entity::delete_by_id(letter.id)
+            .exec(&self.db)
+            .await?;
         saga::Entity::update_many()
             .col_expr(saga::Column::State, Expr::value(state::RUNNING))
             .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))

@@ -18,7 +18,11 @@ pub const KEEP_FINISHED: Duration = Duration::from_secs(7 * 24 * 3600);
 const PER_PASS: u64 = 500;
 
 /// One pass: re-publishes stalled sagas' messages; returns how many.
-pub async fn sweep_once(store: &SagaStore, broker: &Broker, stall_after: Duration) -> anyhow::Result<usize> {
+pub async fn sweep_once(
+    store: &SagaStore,
+    broker: &Broker,
+    stall_after: Duration,
+) -> anyhow::Result<usize> {
     let now = chrono::Utc::now().timestamp_millis();
     let before = now - i64::try_from(stall_after.as_millis()).unwrap_or(i64::MAX);
     let stalled = store.stalled(before, PER_PASS).await?;
@@ -27,11 +31,19 @@ pub async fn sweep_once(store: &SagaStore, broker: &Broker, stall_after: Duratio
             Ok(mut envelope) => {
                 envelope.attempt = 0;
                 broker
-                    .publish("work", &format!("sweep:{}:{now}", saga.id), &envelope.to_bytes())
+                    .publish(
+                        "work",
+                        &format!("sweep:{}:{now}", saga.id),
+                        &envelope.to_bytes(),
+                    )
                     .await?;
-                store.note_error(&saga.id, "re-driven by the sweeper").await?;
+                store
+                    .note_error(&saga.id, "re-driven by the sweeper")
+                    .await?;
             }
-            Err(err) => tracing::error!(saga = saga.id, error = %err, "stalled saga has an unreadable message"),
+            Err(err) => {
+                tracing::error!(saga = saga.id, error = %err, "stalled saga has an unreadable message")
+            }
         }
     }
     let purged = store

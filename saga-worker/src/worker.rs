@@ -40,7 +40,12 @@ pub async fn settle(
         (Outcome::Retry(reason), Some(envelope)) if envelope.attempt < RETRY_LEVELS => {
             let mut again = envelope.clone();
             again.attempt += 1;
-            tracing::debug!(saga = envelope.event.saga_id(), attempt = again.attempt, reason, "retrying");
+            tracing::debug!(
+                saga = envelope.event.saga_id(),
+                attempt = again.attempt,
+                reason,
+                "retrying"
+            );
             broker
                 .publish(
                     &format!("retry.{}", envelope.attempt),
@@ -53,7 +58,10 @@ pub async fn settle(
         (Outcome::Retry(reason) | Outcome::Dead(reason), envelope) => {
             let saga_id = envelope.map_or_else(|| "unreadable".to_owned(), |e| e.event.saga_id());
             tracing::error!(saga = saga_id, reason, "dead-lettering a saga message");
-            let letter = ids.next_id().map(u64::cast_signed).map_err(anyhow::Error::msg)?;
+            let letter = ids
+                .next_id()
+                .map(u64::cast_signed)
+                .map_err(anyhow::Error::msg)?;
             engine
                 .store
                 .bury(letter, &saga_id, &String::from_utf8_lossy(raw), &reason)
@@ -129,7 +137,8 @@ pub async fn consume(
                     break;
                 }
             };
-            let (engine, broker, ids, stats) = (engine.clone(), broker.clone(), ids.clone(), stats.clone());
+            let (engine, broker, ids, stats) =
+                (engine.clone(), broker.clone(), ids.clone(), stats.clone());
             in_flight.spawn(async move {
                 let parsed = Envelope::from_bytes(&delivery.data);
                 let outcome = match &parsed {
@@ -157,7 +166,7 @@ pub async fn consume(
         }
         in_flight.close();
         in_flight.wait().await;
-        let _ = channel.close(200, "consumer stopping".into()).await;
+        let _ = channel.close(200, "consumer stopping").await;
         if !shutdown.is_cancelled() {
             broker.reconnect().await;
         }

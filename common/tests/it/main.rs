@@ -8,7 +8,8 @@ use redis::aio::ConnectionManager;
 use redpacket_common::lease::{LeaseManager, fenced_set};
 
 async fn redis() -> ConnectionManager {
-    let url = std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let url =
+        std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     redis::Client::open(url)
         .unwrap()
         .get_connection_manager()
@@ -28,11 +29,21 @@ async fn the_lock_excludes_concurrent_read_modify_writes() {
     let counter = key("counter");
     let tasks: Vec<_> = (0..16)
         .map(|_| {
-            let (leases, lock, counter, mut connection) = (leases.clone(), lock.clone(), counter.clone(), connection.clone());
+            let (leases, lock, counter, mut connection) = (
+                leases.clone(),
+                lock.clone(),
+                counter.clone(),
+                connection.clone(),
+            );
             tokio::spawn(async move {
                 for _ in 0..10 {
                     let lease = leases
-                        .acquire(&lock, Duration::from_secs(2), Duration::from_millis(2), Duration::from_secs(30))
+                        .acquire(
+                            &lock,
+                            Duration::from_secs(2),
+                            Duration::from_millis(2),
+                            Duration::from_secs(30),
+                        )
                         .await
                         .unwrap()
                         .expect("the lock within 30 s");
@@ -51,7 +62,10 @@ async fn the_lock_excludes_concurrent_read_modify_writes() {
     let mut connection = connection;
     let total: i64 = connection.get(&counter).await.unwrap();
     assert_eq!(total, 160);
-    let _: () = connection.del(&[&counter, &format!("{lock}:fence")]).await.unwrap();
+    let _: () = connection
+        .del(&[&counter, &format!("{lock}:fence")])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -62,9 +76,16 @@ async fn a_holder_that_dies_frees_the_lock_after_the_ttl() {
     let first = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
     // Dropped without release: the watchdog stops and the key expires.
     drop(first);
-    assert!(leases.try_acquire(&lock, ttl).await.unwrap().is_none(), "still held before the ttl");
+    assert!(
+        leases.try_acquire(&lock, ttl).await.unwrap().is_none(),
+        "still held before the ttl"
+    );
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let second = leases.try_acquire(&lock, ttl).await.unwrap().expect("free after the ttl");
+    let second = leases
+        .try_acquire(&lock, ttl)
+        .await
+        .unwrap()
+        .expect("free after the ttl");
     second.release().await.unwrap();
 }
 
@@ -76,7 +97,10 @@ async fn a_working_holder_keeps_its_lease_through_renewal() {
     let lease = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
     tokio::time::sleep(ttl * 4).await;
     assert!(!lease.is_lost());
-    assert!(leases.try_acquire(&lock, ttl).await.unwrap().is_none(), "still held after four ttls");
+    assert!(
+        leases.try_acquire(&lock, ttl).await.unwrap().is_none(),
+        "still held after four ttls"
+    );
     assert!(lease.release().await.unwrap());
 }
 
@@ -88,21 +112,40 @@ async fn a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected()
     let resource = key("resource");
     let ttl = Duration::from_millis(300);
     let stale = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
-    assert!(fenced_set(&mut connection, &resource, stale.fence(), "first").await.unwrap());
+    assert!(
+        fenced_set(&mut connection, &resource, stale.fence(), "first")
+            .await
+            .unwrap()
+    );
 
     // The holder stalls: its lease expires and someone else takes it.
     stale.stop_renewing();
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let fresh = leases.try_acquire(&lock, ttl).await.unwrap().expect("taken over");
+    let fresh = leases
+        .try_acquire(&lock, ttl)
+        .await
+        .unwrap()
+        .expect("taken over");
     assert!(fresh.fence() > stale.fence());
-    assert!(fenced_set(&mut connection, &resource, fresh.fence(), "second").await.unwrap());
+    assert!(
+        fenced_set(&mut connection, &resource, fresh.fence(), "second")
+            .await
+            .unwrap()
+    );
 
     // The stale holder wakes up: its write is refused and its lease is not its own anymore.
-    assert!(!fenced_set(&mut connection, &resource, stale.fence(), "stale").await.unwrap());
+    assert!(
+        !fenced_set(&mut connection, &resource, stale.fence(), "stale")
+            .await
+            .unwrap()
+    );
     let value: String = connection.get(&resource).await.unwrap();
     assert_eq!(value, "second");
     assert!(!leases.extend(&lock, stale.token(), ttl).await.unwrap());
-    assert!(!stale.release().await.unwrap(), "releasing someone else's lease is refused");
+    assert!(
+        !stale.release().await.unwrap(),
+        "releasing someone else's lease is refused"
+    );
     assert!(fresh.release().await.unwrap());
 }
 

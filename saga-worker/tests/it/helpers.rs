@@ -20,7 +20,8 @@ pub fn redis_url() -> String {
 }
 
 pub fn amqp_url() -> String {
-    std::env::var("RP_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("RP_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 /// A saga worker in its own runtime and thread: it can stop cleanly or crash like a process.
@@ -42,7 +43,9 @@ impl SagaProcess {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let app = Application::build(config, switches).await.expect("saga worker starts");
+                let app = Application::build(config, switches)
+                    .await
+                    .expect("saga worker starts");
                 ready_tx.send((app.broker().clone(), app.port())).unwrap();
                 let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
                 let server = tokio::spawn(app.run_until_stopped(async {
@@ -58,7 +61,9 @@ impl SagaProcess {
             });
             runtime.shutdown_background();
         });
-        let (broker, port) = ready_rx.recv_timeout(Duration::from_secs(30)).expect("saga worker ready");
+        let (broker, port) = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("saga worker ready");
         SagaProcess {
             stop: Some(stop),
             thread: Some(thread),
@@ -109,7 +114,9 @@ pub struct System {
 
 async fn database() -> (TestDatabase, sea_orm::DatabaseConnection) {
     let database = TestDatabase::create(Backend::Postgres).await;
-    let db = redpacket_common::db::connect(&database.url, 8).await.unwrap();
+    let db = redpacket_common::db::connect(&database.url, 8)
+        .await
+        .unwrap();
     Migrator::up(&db, None).await.unwrap();
     (database, db)
 }
@@ -124,25 +131,41 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
 
     let (wallet_database, wallet_db) = database().await;
     databases.push(wallet_database);
-    let wallet = redpacket_wallet::Application::with_database(wallet_db.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let wallet = redpacket_wallet::Application::with_database(
+        wallet_db.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     let wallet_url = format!("http://127.0.0.1:{}", wallet.port());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(wallet.run_until_stopped(async { let _ = stopped.await; }));
+    tokio::spawn(wallet.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
     stops.push(stop);
 
     let (campaign_database, campaign_db) = database().await;
     databases.push(campaign_database);
-    let pool = RedisPool::connect(&redis_url(), &redis_prefix).await.unwrap();
+    let pool = RedisPool::connect(&redis_url(), &redis_prefix)
+        .await
+        .unwrap();
     let campaigns = CampaignService::new(
         Store::new(campaign_db),
         Arc::new(pool),
         Arc::new(SnowflakeGenerator::new(rand::random::<u32>() % 512).unwrap()),
         4,
     );
-    let campaign = redpacket_campaign::Application::with_service(campaigns.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let campaign = redpacket_campaign::Application::with_service(
+        campaigns.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     let campaign_url = format!("http://127.0.0.1:{}", campaign.port());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(campaign.run_until_stopped(async { let _ = stopped.await; }));
+    tokio::spawn(campaign.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
     stops.push(stop);
 
     let faults = faults::start(wallet_url.clone()).await;
@@ -184,7 +207,8 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
 }
 
 pub fn rfc3339_in(offset_ms: i64) -> String {
-    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl System {
@@ -194,7 +218,11 @@ impl System {
 
     pub async fn get_json(&self, url: &str) -> Value {
         let response = self.client.get(url).send().await.unwrap();
-        assert!(response.status().is_success(), "GET {url}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "GET {url}: {}",
+            response.status()
+        );
         response.json().await.unwrap()
     }
 
@@ -207,15 +235,28 @@ impl System {
     }
 
     pub async fn balance(&self, account: &str) -> i64 {
-        let response = self.client.get(format!("{}/accounts/{account}", self.wallet_url)).send().await.unwrap();
+        let response = self
+            .client
+            .get(format!("{}/accounts/{account}", self.wallet_url))
+            .send()
+            .await
+            .unwrap();
         if response.status() == 404 {
             return 0;
         }
-        response.json::<Value>().await.unwrap()["balance"].as_i64().unwrap()
+        response.json::<Value>().await.unwrap()["balance"]
+            .as_i64()
+            .unwrap()
     }
 
     /// Creates a campaign starting now; returns its id.
-    pub async fn create_campaign(&self, merchant: &str, total: i64, packets: i64, ends_in_ms: i64) -> String {
+    pub async fn create_campaign(
+        &self,
+        merchant: &str,
+        total: i64,
+        packets: i64,
+        ends_in_ms: i64,
+    ) -> String {
         let response = self
             .post(&format!("{}/campaigns", self.campaign_url), json!({
                 "merchant_id": merchant, "title": "saga test", "currency": "CNY",
@@ -224,15 +265,20 @@ impl System {
             }))
             .await;
         assert_eq!(response.status(), 201);
-        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub async fn campaign(&self, id: &str) -> Value {
-        self.get_json(&format!("{}/campaigns/{id}", self.campaign_url)).await
+        self.get_json(&format!("{}/campaigns/{id}", self.campaign_url))
+            .await
     }
 
     pub async fn stats(&self, id: &str) -> Value {
-        self.get_json(&format!("{}/campaigns/{id}/stats", self.campaign_url)).await
+        self.get_json(&format!("{}/campaigns/{id}/stats", self.campaign_url))
+            .await
     }
 
     /// Polls until `check` holds, for at most `seconds`.
@@ -266,8 +312,17 @@ impl System {
             .map(|i| {
                 let (client, url) = (self.client.clone(), url.clone());
                 async move {
-                    let response = client.post(url).json(&json!({"user_id": format!("u{i}")})).send().await.unwrap();
-                    if response.status() == 200 { Some(response.json::<Value>().await.unwrap()) } else { None }
+                    let response = client
+                        .post(url)
+                        .json(&json!({"user_id": format!("u{i}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    if response.status() == 200 {
+                        Some(response.json::<Value>().await.unwrap())
+                    } else {
+                        None
+                    }
                 }
             })
             .buffer_unordered(in_flight)
@@ -291,10 +346,22 @@ impl System {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
-        let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.redis_prefix)).query_async(&mut redis).await.unwrap();
+        let mut redis = redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.redis_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
         if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(keys).query_async(&mut redis).await.unwrap();
+            let _: () = redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         for database in self.databases.drain(..) {
@@ -316,13 +383,21 @@ pub async fn delete_topology(broker: &Broker) {
     else {
         return;
     };
-    let Ok(channel) = connection.create_channel().await else { return };
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
     let topology = broker.topology();
     let mut queues = vec![topology.work.clone(), topology.dead.clone()];
-    queues.extend((0..redpacket_saga_worker::broker::RETRY_LEVELS).map(|level| topology.retry_queue(level)));
+    queues.extend(
+        (0..redpacket_saga_worker::broker::RETRY_LEVELS).map(|level| topology.retry_queue(level)),
+    );
     for queue in queues {
-        let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(&queue, QueueDeleteOptions::default())
+            .await;
     }
-    let _ = channel.exchange_delete(&topology.exchange, ExchangeDeleteOptions::default()).await;
-    let _ = connection.close(200, "done".into()).await;
+    let _ = channel
+        .exchange_delete(&topology.exchange, ExchangeDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done").await;
 }

@@ -15,12 +15,22 @@ async fn assert_each_credited_once(system: &System, grabs: &[Value]) {
     let mut expected: HashMap<String, i64> = HashMap::new();
     for grab in grabs {
         let claim = grab["claim_id"].as_str().unwrap();
-        let stored = system.campaigns.store().claim(claim).await.unwrap().expect("claim recorded");
+        let stored = system
+            .campaigns
+            .store()
+            .claim(claim)
+            .await
+            .unwrap()
+            .expect("claim recorded");
         assert_eq!(stored.status, "credited", "{claim}");
         *expected.entry(stored.user_id).or_default() += stored.amount;
     }
     for (user, amount) in expected {
-        assert_eq!(system.balance(&format!("user:{user}")).await, amount, "user {user}");
+        assert_eq!(
+            system.balance(&format!("user:{user}")).await,
+            amount,
+            "user {user}"
+        );
     }
 }
 
@@ -62,10 +72,12 @@ async fn ten_thousand_grabs_are_each_credited_once_and_the_campaign_settles() {
         })
     };
 
-    let grabs = system.grab_all(&id, packets as usize, 64).await;
+    let grabs = system.grab_all(&id, usize::try_from(packets).unwrap(), 64).await;
     assert_eq!(grabs.len() as i64, packets);
     system
-        .wait_until(180, "every claim is credited", || async { credited(&system, &id).await == packets })
+        .wait_until(180, "every claim is credited", || async {
+            credited(&system, &id).await == packets
+        })
         .await;
     sampling.store(false, Ordering::SeqCst);
     assert!(sampler.await.unwrap() > 0, "the escrow was sampled");
@@ -80,7 +92,12 @@ async fn ten_thousand_grabs_are_each_credited_once_and_the_campaign_settles() {
     assert_eq!(system.balance("merchant:m1").await, 2_000_000 - total);
     assert_each_credited_once(&system, &grabs).await;
     system.assert_ledger().await;
-    let saga = system.sagas.get(&format!("refund:{id}")).await.unwrap().unwrap();
+    let saga = system
+        .sagas
+        .get(&format!("refund:{id}"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(saga.state, state::COMPLETED);
     Arc::into_inner(system).unwrap().stop().await;
 }
@@ -99,7 +116,9 @@ async fn messages_delivered_twice_credit_once() {
     system.wait_for_status(&id, "active", 30).await;
     let grabs = system.grab_all(&id, 300, 32).await;
     system
-        .wait_until(120, "every claim is credited", || async { credited(&system, &id).await == 300 })
+        .wait_until(120, "every claim is credited", || async {
+            credited(&system, &id).await == 300
+        })
         .await;
     system.wait_for_status(&id, "settled", 60).await;
     assert_each_credited_once(&system, &grabs).await;
@@ -121,7 +140,12 @@ async fn a_crashed_worker_s_sagas_are_finished_by_another_and_its_stale_writes_r
     let first_saga = format!("grab:{}", grabs[0]["claim_id"].as_str().unwrap());
     system
         .wait_until(30, "worker A is crediting", || async {
-            system.sagas.get(&first_saga).await.unwrap().is_some_and(|s| s.step == "credit")
+            system
+                .sagas
+                .get(&first_saga)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.step == "credit")
         })
         .await;
     let stale_fence = system.sagas.get(&first_saga).await.unwrap().unwrap().fence;
@@ -129,9 +153,14 @@ async fn a_crashed_worker_s_sagas_are_finished_by_another_and_its_stale_writes_r
     // A dies without acknowledging anything; B starts with a healthy wallet.
     system.worker.take().unwrap().crash();
     system.faults.set(Mode::Pass);
-    system.worker = Some(SagaProcess::start(system.config.clone(), TestSwitches::default()));
+    system.worker = Some(SagaProcess::start(
+        system.config.clone(),
+        TestSwitches::default(),
+    ));
     system
-        .wait_until(120, "worker B credits every claim", || async { credited(&system, &id).await == 40 })
+        .wait_until(120, "worker B credits every claim", || async {
+            credited(&system, &id).await == 40
+        })
         .await;
     assert_each_credited_once(&system, &grabs).await;
 
@@ -139,8 +168,17 @@ async fn a_crashed_worker_s_sagas_are_finished_by_another_and_its_stale_writes_r
     let saga = system.sagas.get(&first_saga).await.unwrap().unwrap();
     assert_eq!(saga.state, state::COMPLETED);
     assert!(saga.fence > stale_fence);
-    assert!(!system.sagas.advance(&first_saga, stale_fence, "credit", state::RUNNING, None).await.unwrap());
-    assert_eq!(system.sagas.get(&first_saga).await.unwrap().unwrap().state, state::COMPLETED);
+    assert!(
+        !system
+            .sagas
+            .advance(&first_saga, stale_fence, "credit", state::RUNNING, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        system.sagas.get(&first_saga).await.unwrap().unwrap().state,
+        state::COMPLETED
+    );
     system.assert_ledger().await;
     system.stop().await;
 }
@@ -159,20 +197,34 @@ async fn a_failing_wallet_is_retried_and_a_refusing_one_compensates_and_refunds(
     assert_eq!(credited(&system, &id).await, 0);
     system.faults.set(Mode::Pass);
     system
-        .wait_until(60, "the first claims are credited", || async { credited(&system, &id).await == 20 })
+        .wait_until(60, "the first claims are credited", || async {
+            credited(&system, &id).await == 20
+        })
         .await;
     assert_each_credited_once(&system, &first).await;
 
     // Refusing for good: compensated, the packets go back to the pool, the money stays.
     system.faults.set(Mode::RejectCredits);
-    let remaining_before = system.stats(&id).await["packets_remaining"].as_i64().unwrap();
+    let remaining_before = system.stats(&id).await["packets_remaining"]
+        .as_i64()
+        .unwrap();
     let refused: Vec<Value> = {
         use futures::StreamExt;
         let url = format!("{}/campaigns/{id}/grab", system.campaign_url);
         futures::stream::iter(100..110)
             .map(|i| {
                 let (client, url) = (system.client.clone(), url.clone());
-                async move { client.post(url).json(&serde_json::json!({"user_id": format!("r{i}")})).send().await.unwrap().json::<Value>().await.unwrap() }
+                async move {
+                    client
+                        .post(url)
+                        .json(&serde_json::json!({"user_id": format!("r{i}")}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json::<Value>()
+                        .await
+                        .unwrap()
+                }
             })
             .buffer_unordered(4)
             .collect()
@@ -184,20 +236,37 @@ async fn a_failing_wallet_is_retried_and_a_refusing_one_compensates_and_refunds(
         })
         .await;
     for grab in &refused {
-        let claim = system.campaigns.store().claim(grab["claim_id"].as_str().unwrap()).await.unwrap().unwrap();
+        let claim = system
+            .campaigns
+            .store()
+            .claim(grab["claim_id"].as_str().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(claim.status, "compensated");
         assert!(claim.reason.unwrap().contains("insufficient_funds"));
         assert_eq!(system.balance(&format!("user:{}", claim.user_id)).await, 0);
     }
-    assert_eq!(system.stats(&id).await["packets_remaining"].as_i64().unwrap(), remaining_before);
+    assert_eq!(
+        system.stats(&id).await["packets_remaining"]
+            .as_i64()
+            .unwrap(),
+        remaining_before
+    );
     system.faults.set(Mode::Pass);
 
     // The campaign expires: the merchant gets back exactly what was not credited.
     system.wait_for_status(&id, "settled", 90).await;
     let credited_amount = system.stats(&id).await["amount_credited"].as_i64().unwrap();
     assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
-    assert_eq!(system.balance("merchant:m1").await, 100_000 - credited_amount);
-    assert_eq!(system.stats(&id).await["amount_refunded"].as_i64().unwrap(), 10_000 - credited_amount);
+    assert_eq!(
+        system.balance("merchant:m1").await,
+        100_000 - credited_amount
+    );
+    assert_eq!(
+        system.stats(&id).await["amount_refunded"].as_i64().unwrap(),
+        10_000 - credited_amount
+    );
     system.assert_ledger().await;
     system.stop().await;
 }
@@ -209,22 +278,46 @@ async fn a_dropped_broker_connection_loses_nothing() {
     let id = system.create_campaign("m1", 50_000, 400, 600_000).await;
     system.wait_for_status(&id, "active", 30).await;
     let first = system.grab_all(&id, 200, 32).await;
-    system.worker.as_ref().unwrap().broker.close_connection().await;
+    system
+        .worker
+        .as_ref()
+        .unwrap()
+        .broker
+        .close_connection()
+        .await;
     let mut second = {
         use futures::StreamExt;
         let url = format!("{}/campaigns/{id}/grab", system.campaign_url);
         futures::stream::iter(200..400)
             .map(|i| {
                 let (client, url) = (system.client.clone(), url.clone());
-                async move { client.post(url).json(&serde_json::json!({"user_id": format!("u{i}")})).send().await.unwrap().json::<Value>().await.unwrap() }
+                async move {
+                    client
+                        .post(url)
+                        .json(&serde_json::json!({"user_id": format!("u{i}")}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json::<Value>()
+                        .await
+                        .unwrap()
+                }
             })
             .buffer_unordered(32)
             .collect::<Vec<Value>>()
             .await
     };
-    system.worker.as_ref().unwrap().broker.close_connection().await;
     system
-        .wait_until(120, "every claim is credited", || async { credited(&system, &id).await == 400 })
+        .worker
+        .as_ref()
+        .unwrap()
+        .broker
+        .close_connection()
+        .await;
+    system
+        .wait_until(120, "every claim is credited", || async {
+            credited(&system, &id).await == 400
+        })
         .await;
     second.extend(first);
     assert_each_credited_once(&system, &second).await;
@@ -239,10 +332,21 @@ async fn funding_without_money_rejects_the_campaign_and_moves_nothing() {
     let id = system.create_campaign("poor", 5_000, 10, 600_000).await;
     system.wait_for_status(&id, "rejected", 30).await;
     let campaign = system.campaign(&id).await;
-    assert!(campaign["status_reason"].as_str().unwrap().contains("insufficient_funds"), "{campaign}");
+    assert!(
+        campaign["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient_funds"),
+        "{campaign}"
+    );
     assert_eq!(system.balance("merchant:poor").await, 1_000);
     assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
-    let saga = system.sagas.get(&format!("fund:{id}")).await.unwrap().unwrap();
+    let saga = system
+        .sagas
+        .get(&format!("fund:{id}"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(saga.state, state::COMPENSATED);
     system.assert_ledger().await;
     system.stop().await;
@@ -260,25 +364,59 @@ async fn a_saga_out_of_retries_is_dead_lettered_and_replays() {
     let saga_url = system.worker.as_ref().unwrap().url.clone();
     system
         .wait_until(60, "the saga is stuck", || async {
-            system.sagas.get(&saga_id).await.unwrap().is_some_and(|s| s.state == state::STUCK)
+            system
+                .sagas
+                .get(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == state::STUCK)
         })
         .await;
-    let saga = system.get_json(&format!("{saga_url}/sagas/{saga_id}")).await;
+    let saga = system
+        .get_json(&format!("{saga_url}/sagas/{saga_id}"))
+        .await;
     assert_eq!(saga["state"], "stuck");
-    assert!(saga["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{saga}");
+    assert!(
+        saga["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{saga}"
+    );
     let letters = system.get_json(&format!("{saga_url}/dead-letters")).await;
-    let letter = letters["dead_letters"].as_array().unwrap().iter().find(|l| l["saga_id"] == saga_id.as_str()).expect("dead letter");
+    let letter = letters["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["saga_id"] == saga_id.as_str())
+        .expect("dead letter");
 
     system.faults.set(Mode::Pass);
-    let replayed = system.post(&format!("{saga_url}/dead-letters/{}/replay", letter["id"].as_str().unwrap()), serde_json::json!({})).await;
+    let replayed = system
+        .post(
+            &format!(
+                "{saga_url}/dead-letters/{}/replay",
+                letter["id"].as_str().unwrap()
+            ),
+            serde_json::json!({}),
+        )
+        .await;
     assert_eq!(replayed.status(), 200);
     system
         .wait_until(30, "the replayed saga completes", || async {
-            system.sagas.get(&saga_id).await.unwrap().is_some_and(|s| s.state == state::COMPLETED)
+            system
+                .sagas
+                .get(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == state::COMPLETED)
         })
         .await;
     assert_each_credited_once(&system, &grabs).await;
     let letters = system.get_json(&format!("{saga_url}/dead-letters")).await;
-    assert!(letters["dead_letters"].as_array().unwrap().iter().all(|l| l["saga_id"] != saga_id.as_str()));
+    assert!(
+        letters["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["saga_id"] != saga_id.as_str())
+    );
     system.stop().await;
 }
