@@ -502,7 +502,16 @@ impl CampaignService {
                     currency,
                 })
             }
-            GrabOutcome::NotStarted => Err(CampaignError::NotStarted),
+            GrabOutcome::NotStarted => {
+                // A cancel can land while the pool is being loaded; the database has the last
+                // word (read at most once a second per campaign while the crowd waits).
+                let (_, status) = Box::pin(self.cached(id, true)).await?;
+                Err(if status == status::CANCELLED {
+                    CampaignError::Cancelled
+                } else {
+                    CampaignError::NotStarted
+                })
+            }
             GrabOutcome::Ended => Err(CampaignError::Ended),
             GrabOutcome::SoldOut => Err(CampaignError::SoldOut),
             GrabOutcome::Cancelled => Err(CampaignError::Cancelled),
@@ -900,6 +909,7 @@ impl CampaignService {
 fn empty_stats(campaign_id: i64) -> stats::Model {
     stats::Model {
         campaign_id,
+        shard: 0,
         packets_recorded: 0,
         amount_recorded: 0,
         packets_credited: 0,

@@ -13,6 +13,18 @@ use crate::entity::{campaign, claim, event, packet, stats};
 /// far under every backend's bound on bind parameters.
 const PACKET_INSERT_ROWS: usize = 500;
 
+/// Counter rows per campaign: claims of a hot campaign update `STATS_SHARDS` rows instead of
+/// serializing on one.
+pub const STATS_SHARDS: i32 = 16;
+
+/// The counter row a claim counts in.
+fn shard_of(claim_id: &str) -> i32 {
+    let hash = claim_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    i32::try_from(hash % u64::from(STATS_SHARDS.unsigned_abs())).unwrap_or(0)
+}
+
 /// Lifecycle states.
 pub mod status {
     pub const FUNDING: &str = "funding";
@@ -168,8 +180,9 @@ impl Store {
             .exec_without_returning(&txn)
             .await?;
         }
-        stats::Entity::insert(stats::ActiveModel {
+        stats::Entity::insert_many((0..STATS_SHARDS).map(|shard| stats::ActiveModel {
             campaign_id: Set(model.id),
+            shard: Set(shard),
             packets_recorded: Set(0),
             amount_recorded: Set(0),
             packets_credited: Set(0),
@@ -181,7 +194,7 @@ impl Store {
             packets_remaining_final: Set(None),
             amount_remaining_final: Set(None),
             amount_refunded: Set(0),
-        })
+        }))
         .exec_without_returning(&txn)
         .await?;
         insert_event(
@@ -330,13 +343,36 @@ impl Store {
                 Expr::value(amount_left),
             )
             .filter(stats::Column::CampaignId.eq(id))
+            .filter(stats::Column::Shard.eq(0))
             .exec(&self.db)
             .await?;
         Ok(())
     }
 
+    /// A campaign's counters, summed over their shards.
     pub async fn stats(&self, id: i64) -> Result<Option<stats::Model>, StoreError> {
-        Ok(stats::Entity::find_by_id(id).one(&self.db).await?)
+        let shards = stats::Entity::find()
+            .filter(stats::Column::CampaignId.eq(id))
+            .all(&self.db)
+            .await?;
+        Ok(shards.into_iter().reduce(|mut total, shard| {
+            total.packets_recorded += shard.packets_recorded;
+            total.amount_recorded += shard.amount_recorded;
+            total.packets_credited += shard.packets_credited;
+            total.amount_credited += shard.amount_credited;
+            total.packets_compensated += shard.packets_compensated;
+            total.amount_compensated += shard.amount_compensated;
+            total.packets_returned += shard.packets_returned;
+            total.amount_returned += shard.amount_returned;
+            total.packets_remaining_final = total
+                .packets_remaining_final
+                .or(shard.packets_remaining_final);
+            total.amount_remaining_final = total
+                .amount_remaining_final
+                .or(shard.amount_remaining_final);
+            total.amount_refunded += shard.amount_refunded;
+            total
+        }))
     }
 
     /// Records the refund of a settled campaign.
@@ -362,6 +398,7 @@ impl Store {
             stats::Entity::update_many()
                 .col_expr(stats::Column::AmountRefunded, Expr::value(amount_refunded))
                 .filter(stats::Column::CampaignId.eq(id))
+                .filter(stats::Column::Shard.eq(0))
                 .exec(&txn)
                 .await?;
         }
@@ -421,6 +458,7 @@ impl Store {
             bump(
                 &txn,
                 record.campaign_id,
+                &record.id,
                 stats::Column::PacketsRecorded,
                 stats::Column::AmountRecorded,
                 record.amount,
@@ -428,6 +466,10 @@ impl Store {
             .await?;
         }
         txn.commit().await?;
+        if inserted == 1 {
+            return Ok(model);
+        }
+        // Recorded by a concurrent call between the first read and the insert.
         self.claim(&record.id)
             .await?
             .ok_or_else(|| StoreError::ClaimMismatch(record.id.clone()))
@@ -508,11 +550,20 @@ impl Store {
                     stats::Column::AmountCompensated,
                 )
             };
-            bump(&txn, current.campaign_id, packets, amount, current.amount).await?;
+            bump(
+                &txn,
+                current.campaign_id,
+                &current.id,
+                packets,
+                amount,
+                current.amount,
+            )
+            .await?;
             if returned_to_pool {
                 bump(
                     &txn,
                     current.campaign_id,
+                    &current.id,
                     stats::Column::PacketsReturned,
                     stats::Column::AmountReturned,
                     current.amount,
@@ -521,6 +572,19 @@ impl Store {
             }
         }
         txn.commit().await?;
+        if result.rows_affected == 1 {
+            let mut after = current;
+            after.status = to.to_owned();
+            if to == claim_status::CREDITED {
+                after.credited_at_ms = Some(now_ms);
+            } else {
+                after.compensated_at_ms = Some(now_ms);
+                after.reason = reason.map(str::to_owned);
+                after.returned_to_pool = returned_to_pool;
+            }
+            return Ok(after);
+        }
+        // Another call moved the claim first: answer what it became.
         let after = self
             .claim(id)
             .await?
@@ -591,6 +655,7 @@ impl Store {
 async fn bump(
     txn: &impl ConnectionTrait,
     campaign_id: i64,
+    claim_id: &str,
     packets: stats::Column,
     amount: stats::Column,
     by: i64,
@@ -599,6 +664,7 @@ async fn bump(
         .col_expr(packets, Expr::col(packets).add(1))
         .col_expr(amount, Expr::col(amount).add(by))
         .filter(stats::Column::CampaignId.eq(campaign_id))
+        .filter(stats::Column::Shard.eq(shard_of(claim_id)))
         .exec(txn)
         .await?;
     Ok(())

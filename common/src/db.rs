@@ -9,12 +9,32 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 /// How long a request waits for a pooled connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects with a bounded pool. SQLite gets one connection: it has a single writer anyway,
-/// and one connection turns concurrent writers into a queue instead of `database is locked`
-/// errors.
+/// How a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A commit returns once it is on disk.
+    Full,
+    /// A commit returns before its flush (PostgreSQL `synchronous_commit = off`): a crash can
+    /// lose the last few hundred milliseconds of commits, never corrupt anything. Only for
+    /// state that can be rebuilt, such as saga progress, which the sweeper re-drives.
+    Relaxed,
+}
+
+/// Connects with a bounded pool, every commit durable.
 pub async fn connect(
     url: &str,
     max_connections: u32,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    connect_with(url, max_connections, Durability::Full).await
+}
+
+/// Connects with a bounded pool. SQLite gets one connection: it has a single writer anyway,
+/// and one connection turns concurrent writers into a queue instead of `database is locked`
+/// errors.
+pub async fn connect_with(
+    url: &str,
+    max_connections: u32,
+    durability: Durability,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let is_sqlite = url.starts_with("sqlite:");
     let mut options = ConnectOptions::new(url.to_owned());
@@ -23,6 +43,9 @@ pub async fn connect(
         .min_connections(if is_sqlite { 1 } else { 0 })
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .sqlx_logging(false);
+    if durability == Durability::Relaxed {
+        options.map_sqlx_postgres_opts(|pg| pg.options([("synchronous_commit", "off")]));
+    }
     let db = Database::connect(options).await?;
     if db.get_database_backend() == DbBackend::Sqlite {
         use sea_orm::ConnectionTrait;

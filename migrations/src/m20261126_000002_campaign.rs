@@ -64,6 +64,7 @@ enum CampaignClaims {
 enum CampaignStats {
     Table,
     CampaignId,
+    Shard,
     PacketsRecorded,
     AmountRecorded,
     PacketsCredited,
@@ -298,7 +299,8 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(CampaignStats::Table)
-                    .col(big(CampaignStats::CampaignId).primary_key())
+                    .col(big(CampaignStats::CampaignId))
+                    .col(ColumnDef::new(CampaignStats::Shard).integer().not_null())
                     .col(big(CampaignStats::PacketsRecorded))
                     .col(big(CampaignStats::AmountRecorded))
                     .col(big(CampaignStats::PacketsCredited))
@@ -318,6 +320,11 @@ impl MigrationTrait for Migration {
                             .null(),
                     )
                     .col(big(CampaignStats::AmountRefunded))
+                    .primary_key(
+                        Index::create()
+                            .col(CampaignStats::CampaignId)
+                            .col(CampaignStats::Shard),
+                    )
                     .to_owned(),
             )
             .await?;

@@ -46,12 +46,18 @@ impl CreditBatcher {
     }
 }
 
+/// Wallet batch calls in flight at once. Credits of a hot campaign all lock its one escrow
+/// row, so more concurrent batches would only queue on that lock; instead, while batches are in
+/// flight, the next one keeps gathering, and batches grow with the load (group commit).
+const MAX_IN_FLIGHT: usize = 2;
+
 async fn run(
     wallet: WalletClient,
     mut receiver: mpsc::Receiver<Job>,
     max_batch: usize,
     linger: Duration,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
@@ -61,7 +67,16 @@ async fn run(
                 _ => break,
             }
         }
-        // Sent while the next batch gathers: batches overlap instead of queueing behind.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Whatever arrived while waiting for a free slot rides along.
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         let wallet = wallet.clone();
         tokio::spawn(async move {
             let transfers: Vec<Transfer> = batch.iter().map(|(t, _)| t.clone()).collect();
@@ -73,6 +88,7 @@ async fn run(
                     Err(err) => vec![Err(err); transfers.len()],
                 }
             };
+            drop(slot);
             for ((_, answer), result) in batch.into_iter().zip(results) {
                 let _ = answer.send(result);
             }

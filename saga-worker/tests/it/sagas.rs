@@ -72,7 +72,9 @@ async fn ten_thousand_grabs_are_each_credited_once_and_the_campaign_settles() {
         })
     };
 
-    let grabs = system.grab_all(&id, usize::try_from(packets).unwrap(), 64).await;
+    let grabs = system
+        .grab_all(&id, usize::try_from(packets).unwrap(), 64)
+        .await;
     assert_eq!(grabs.len() as i64, packets);
     system
         .wait_until(180, "every claim is credited", || async {
