@@ -505,8 +505,8 @@ impl CampaignService {
             GrabOutcome::NotStarted => {
                 // A cancel can land while the pool is being loaded; the database has the last
                 // word (read at most once a second per campaign while the crowd waits).
-                let (_, status) = Box::pin(self.cached(id, true)).await?;
-                Err(if status == status::CANCELLED {
+                let (_, current) = Box::pin(self.cached(id, true)).await?;
+                Err(if current == status::CANCELLED {
                     CampaignError::Cancelled
                 } else {
                     CampaignError::NotStarted
