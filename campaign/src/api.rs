@@ -6,6 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use redpacket_common::Problem;
 use redpacket_common::http::{FastJson, StrictJson};
+use redpacket_common::time::rfc3339;
 use serde::Deserialize;
 
 use crate::entity::{campaign, claim};
@@ -186,13 +187,6 @@ pub struct SplitView {
     pub min_amount: i64,
     /// Largest packet.
     pub max_amount: i64,
-}
-
-/// Formats epoch milliseconds as RFC 3339 UTC.
-pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl From<campaign::Model> for CampaignView {

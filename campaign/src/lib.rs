@@ -73,17 +73,7 @@ impl CampaignConfig {
                 reason: format!("must be between 1 and {MAX_BUCKETS}"),
             });
         }
-        let worker_id: u32 = source.required("RP_WORKER_ID")?;
-        if worker_id > u32::from(redpacket_common::ids::MAX_WORKER_ID) {
-            return Err(ConfigError::Malformed {
-                var: "RP_WORKER_ID".into(),
-                shown: format!(" `{worker_id}`"),
-                reason: format!(
-                    "must be between 0 and {}",
-                    redpacket_common::ids::MAX_WORKER_ID
-                ),
-            });
-        }
+        let worker_id = source.worker_id()?;
         Ok(CampaignConfig {
             database_url: source.required_secret("RP_DATABASE_URL")?,
             redis_url: source.required_secret("RP_REDIS_URL")?,

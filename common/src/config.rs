@@ -145,6 +145,19 @@ impl ConfigSource {
         Ok(self.optional(var)?.unwrap_or(default))
     }
 
+    /// `RP_WORKER_ID`, required: 0-1023, unique per running process (part of every id).
+    pub fn worker_id(&self) -> Result<u32, ConfigError> {
+        let worker_id: u32 = self.required("RP_WORKER_ID")?;
+        if worker_id > u32::from(crate::ids::MAX_WORKER_ID) {
+            return Err(ConfigError::Malformed {
+                var: "RP_WORKER_ID".into(),
+                shown: format!(" `{worker_id}`"),
+                reason: format!("must be between 0 and {}", crate::ids::MAX_WORKER_ID),
+            });
+        }
+        Ok(worker_id)
+    }
+
     /// A secret string that must be set; its value never appears in an error.
     pub fn required_secret(&self, var: &str) -> Result<Secret<String>, ConfigError> {
         self.raw(var)

@@ -58,3 +58,22 @@ pub async fn connect_with(
     }
     Ok(db)
 }
+
+/// The URL of `database` on the server of `server_url` (its database part replaced, its query
+/// kept): how tests and benchmarks reach the scratch databases they create.
+pub fn database_url(server_url: &str, database: &str) -> String {
+    let (base, query) = match server_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (server_url, None),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |i| i + host_start);
+    let mut url = format!("{}/{database}", &base[..host_end]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}

@@ -13,6 +13,7 @@ pub mod problem;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 
 pub use accounts::{AccountKind, AccountName, NameError, TransferId};
 pub use config::{ConfigError, ConfigSource, Secret};

@@ -35,24 +35,6 @@ fn admin_url(backend: Backend) -> String {
     }
 }
 
-/// Replaces the database part of a server URL.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| i + scheme_end);
-    let mut out = format!("{}/{}", &base[..host_end], database);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
 impl TestDatabase {
     /// Creates an empty database on the backend's server.
     pub async fn create(backend: Backend) -> Self {
@@ -79,7 +61,7 @@ impl TestDatabase {
         connection.close().await.ok();
         TestDatabase {
             backend,
-            url: with_database(&admin, &name),
+            url: crate::db::database_url(&admin, &name),
             name,
             admin_url: Some(admin),
         }
@@ -113,9 +95,55 @@ impl TestDatabase {
     }
 }
 
+/// Runs an async scenario `fn(Backend)` once per database backend, as three tests named
+/// `scenario::on_postgres`, `::on_mariadb` and `::on_sqlite`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($scenario:ident) => {
+        mod $scenario {
+            use $crate::testing::Backend;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                super::$scenario(Backend::Postgres).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_mariadb() {
+                super::$scenario(Backend::MySql).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                super::$scenario(Backend::Sqlite).await;
+            }
+        }
+    };
+}
+
+/// Asserts a problem+json answer: status, content type, `code` and `field`; returns the body.
+pub async fn assert_problem(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+    field: Option<&str>,
+) -> serde_json::Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["field"].as_str(), field, "{body}");
+    assert!(body["type"].as_str().unwrap().ends_with(code), "{body}");
+    body
+}
+
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use crate::db::database_url as with_database;
 
     #[test]
     fn the_database_part_of_a_url_is_replaced() {

@@ -85,3 +85,5 @@ pub fn ratio(numerator: u64, denominator: u64) -> String {
     let hundredths = numerator.saturating_mul(100) / denominator;
     format!("{}.{:02}×", hundredths / 100, hundredths % 100)
 }
+
+pub use redpacket_common::db::database_url;

@@ -14,6 +14,7 @@ enum SagaSagas {
     Step,
     Attempts,
     LastError,
+    Reason,
     Payload,
     RequestId,
     Fence,
@@ -49,6 +50,7 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(SagaSagas::Step).string_len(32).not_null())
                     .col(ColumnDef::new(SagaSagas::Attempts).integer().not_null())
                     .col(ColumnDef::new(SagaSagas::LastError).text().null())
+                    .col(ColumnDef::new(SagaSagas::Reason).text().null())
                     .col(ColumnDef::new(SagaSagas::Payload).text().not_null())
                     .col(ColumnDef::new(SagaSagas::RequestId).string_len(128).null())
                     .col(ColumnDef::new(SagaSagas::Fence).big_integer().not_null())

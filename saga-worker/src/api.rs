@@ -5,6 +5,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
 use redpacket_common::Problem;
 use redpacket_common::messages::Envelope;
+use redpacket_common::time::rfc3339;
 
 use crate::broker::Broker;
 use crate::entity::{dead_letter, saga};
@@ -16,12 +17,6 @@ enum ApiTags {
     Sagas,
     /// Messages that exhausted their retries.
     DeadLetters,
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn store_failure(err: sea_orm::DbErr) -> Problem {

@@ -192,24 +192,8 @@ impl Broker {
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BrokerError> {
-        let channel = self.publisher().await?;
-        let confirm = channel
-            .basic_publish(
-                &self.topology.exchange,
-                routing_key,
-                BasicPublishOptions::default(),
-                payload,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type(ShortString::from("application/json"))
-                    .with_message_id(ShortString::from(message_id)),
-            )
-            .await?
-            .await?;
-        if confirm.is_nack() {
-            return Err(BrokerError::Nacked);
-        }
-        Ok(())
+        self.publish_all(routing_key, &[(message_id.to_owned(), payload.to_vec())])
+            .await
     }
 
     /// Publishes many messages to `routing_key` and waits for all their confirms.

@@ -130,6 +130,18 @@ fn transient_or_dead(err: StepError) -> Next {
 }
 
 impl Run<'_> {
+    /// The reason stored with the saga when it turned to compensation.
+    async fn recorded_reason(&self, fallback: &str) -> String {
+        self.engine
+            .store
+            .get(self.saga_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|saga| saga.reason)
+            .unwrap_or_else(|| fallback.to_owned())
+    }
+
     async fn drive(&self, event: &SagaEvent, from: &str) -> Outcome {
         let mut step: String = from.to_owned();
         // Bounded: every saga has at most four steps.
@@ -254,15 +266,7 @@ impl Run<'_> {
                 Err(err) => transient_or_dead(err),
             },
             "compensate" => {
-                let reason = self
-                    .engine
-                    .store
-                    .get(self.saga_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|saga| saga.last_error)
-                    .unwrap_or_else(|| "the wallet refused the credit".to_owned());
+                let reason = self.recorded_reason("the wallet refused the credit").await;
                 match campaign
                     .mark_compensated(claim_id, &reason, self.request_id)
                     .await
@@ -333,14 +337,8 @@ impl Run<'_> {
             },
             "reject" => {
                 let reason = self
-                    .engine
-                    .store
-                    .get(self.saga_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|saga| saga.last_error)
-                    .unwrap_or_else(|| "the funding transfer was refused".to_owned());
+                    .recorded_reason("the funding transfer was refused")
+                    .await;
                 match campaign
                     .mark_rejected(campaign_id, &reason, self.request_id)
                     .await

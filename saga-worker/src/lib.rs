@@ -78,17 +78,7 @@ pub struct SagaConfig {
 
 impl SagaConfig {
     pub fn from_source(source: &ConfigSource) -> Result<Self, ConfigError> {
-        let worker_id: u32 = source.required("RP_WORKER_ID")?;
-        if worker_id > u32::from(redpacket_common::ids::MAX_WORKER_ID) {
-            return Err(ConfigError::Malformed {
-                var: "RP_WORKER_ID".into(),
-                shown: format!(" `{worker_id}`"),
-                reason: format!(
-                    "must be between 0 and {}",
-                    redpacket_common::ids::MAX_WORKER_ID
-                ),
-            });
-        }
+        let worker_id = source.worker_id()?;
         let credit_batch: usize = source.or("RP_SAGA_CREDIT_BATCH", 500)?;
         if !(1..=batcher::MAX_BATCH).contains(&credit_batch) {
             return Err(ConfigError::Malformed {

@@ -68,6 +68,7 @@ impl SagaStore {
             step: Set("start".to_owned()),
             attempts: Set(0),
             last_error: Set(None),
+            reason: Set(None),
             payload: Set(payload.to_owned()),
             request_id: Set(request_id.map(str::to_owned)),
             fence: Set(0),
@@ -111,8 +112,10 @@ impl SagaStore {
             .col_expr(saga::Column::Step, Expr::value(step))
             .col_expr(saga::Column::State, Expr::value(state))
             .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()));
-        if let Some(error) = error {
-            update = update.col_expr(saga::Column::LastError, Expr::value(bounded(error)));
+        if let Some(reason) = error {
+            update = update
+                .col_expr(saga::Column::LastError, Expr::value(bounded(reason)))
+                .col_expr(saga::Column::Reason, Expr::value(bounded(reason)));
         }
         let result = update
             .filter(saga::Column::Id.eq(id))

@@ -7,6 +7,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use redpacket_common::http::StrictJson;
 use redpacket_common::problem::ProblemBody;
+use redpacket_common::time::rfc3339;
 use redpacket_common::{AccountName, Amount, Currency, MoneyError, NameError, Problem, TransferId};
 use serde::Deserialize;
 
@@ -216,13 +217,6 @@ impl From<Transfer> for TransferView {
             created_at: rfc3339(transfer.created_at_ms),
         }
     }
-}
-
-/// Formats epoch milliseconds as RFC 3339 UTC.
-pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Up to 1,000 transfers applied in one go.

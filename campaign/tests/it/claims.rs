@@ -4,7 +4,7 @@ use redpacket_common::testing::Backend;
 use serde_json::{Value, json};
 
 use crate::helpers::{assert_problem, campaign_body, rfc3339_in, spawn_app};
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 fn record_body(id: &str, grab: &Value, user: &str, seq: u32) -> Value {
     json!({

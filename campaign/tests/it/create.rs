@@ -4,7 +4,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app};
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 async fn packets_of(app: &TestApp, id: &str) -> Vec<i64> {
     packet::Entity::find()

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::helpers::{
     TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app, spawn_app_with_buckets,
 };
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 /// Runs `grabs` (campaign, user) in parallel with `in_flight` at once; returns (user, status,
 /// body) of each.

@@ -5,6 +5,7 @@ use redis::AsyncCommands;
 use redpacket_campaign::{Application, CampaignService, RedisPool, Store};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::testing::{Backend, TestDatabase};
+pub use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -65,11 +66,6 @@ pub async fn spawn_app_with_buckets(backend: Backend, buckets: u32) -> TestApp {
         stop,
         server,
     }
-}
-
-pub fn rfc3339_in(offset_ms: i64) -> String {
-    let at = chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms);
-    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A campaign body starting now and lasting a minute.
@@ -184,20 +180,4 @@ impl TestApp {
     }
 }
 
-/// Asserts a problem+json answer.
-pub async fn assert_problem(
-    response: reqwest::Response,
-    status: u16,
-    code: &str,
-    field: Option<&str>,
-) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["field"].as_str(), field, "{body}");
-    body
-}
+pub use redpacket_common::testing::assert_problem;

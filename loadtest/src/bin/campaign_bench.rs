@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use loadtest::{PhaseResult, ratio, run_phase};
+use loadtest::{PhaseResult, database_url, ratio, run_phase};
 use redpacket_campaign::{Application, CampaignService, PacketPool, RedisPool, Store};
 use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
@@ -47,15 +48,6 @@ struct Args {
     /// Seconds each grab phase runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-}
-
-fn database_url(server: &str, database: &str) -> String {
-    let (base, _) = server.split_once('?').unwrap_or((server, ""));
-    let cut = base
-        .rfind('/')
-        .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
-    format!("{}/{database}", &base[..cut])
 }
 
 #[global_allocator]
@@ -95,11 +87,6 @@ async fn main() -> anyhow::Result<()> {
         .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
     outcome
-}
-
-fn rfc3339_in(offset_ms: i64) -> String {
-    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 async fn wait_active(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {

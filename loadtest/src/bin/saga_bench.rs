@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use loadtest::ratio;
+use loadtest::{database_url, ratio};
 use redpacket_campaign::{CampaignService, RedisPool, Store};
 use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use redpacket_saga_worker::{Application, SagaConfig, TestSwitches};
 use sea_orm::{ConnectionTrait, Database, Statement};
@@ -64,20 +65,6 @@ struct Bench {
     wallet_url: String,
     campaign_db: sea_orm::DatabaseConnection,
     config: SagaConfig,
-}
-
-fn database_url(server: &str, database: &str) -> String {
-    let (base, _) = server.split_once('?').unwrap_or((server, ""));
-    let cut = base
-        .rfind('/')
-        .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
-    format!("{}/{database}", &base[..cut])
-}
-
-fn rfc3339_in(offset_ms: i64) -> String {
-    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[tokio::main]

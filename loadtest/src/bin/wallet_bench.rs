@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use loadtest::{PhaseResult, ratio, run_phase};
+use loadtest::{PhaseResult, database_url, ratio, run_phase};
 use redpacket_migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Value, json};
@@ -37,15 +37,6 @@ struct Args {
     /// Skip `pgbench -N` even when it is installed.
     #[arg(long)]
     no_pgbench: bool,
-}
-
-fn database_url(server: &str, database: &str) -> String {
-    let (base, _) = server.split_once('?').unwrap_or((server, ""));
-    let cut = base
-        .rfind('/')
-        .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
-    format!("{}/{database}", &base[..cut])
 }
 
 #[global_allocator]

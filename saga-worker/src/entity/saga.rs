@@ -12,6 +12,9 @@ pub struct Model {
     pub step: String,
     pub attempts: i32,
     pub last_error: Option<String>,
+    /// Why the saga turned to compensation (kept apart from the last error, which retries
+    /// overwrite).
+    pub reason: Option<String>,
     /// The message that started it (JSON envelope), to re-drive it.
     pub payload: String,
     pub request_id: Option<String>,

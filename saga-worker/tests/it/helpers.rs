@@ -5,6 +5,7 @@ use redpacket_campaign::{CampaignService, RedisPool, Store};
 use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::testing::{Backend, TestDatabase};
+pub use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use redpacket_saga_worker::broker::Broker;
 use redpacket_saga_worker::store::SagaStore;
@@ -204,11 +205,6 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
         databases,
         stops,
     }
-}
-
-pub fn rfc3339_in(offset_ms: i64) -> String {
-    (chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl System {

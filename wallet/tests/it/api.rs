@@ -2,7 +2,7 @@ use redpacket_common::testing::Backend;
 use serde_json::{Value, json};
 
 use crate::helpers::{assert_problem, spawn_app, transfer_body};
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 async fn a_top_up_and_a_transfer_move_money_and_post_entries(backend: Backend) {
     let app = spawn_app(backend).await;

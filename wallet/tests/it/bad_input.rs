@@ -3,7 +3,7 @@ use redpacket_wallet::entity::{account, transfer};
 use sea_orm::{EntityTrait, PaginatorTrait, QueryOrder};
 
 use crate::helpers::{TestApp, spawn_app};
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 /// Every account with its balance, and the number of transfers.
 async fn snapshot(app: &TestApp) -> (Vec<(String, i64)>, u64) {

@@ -9,7 +9,7 @@ use sea_orm::EntityTrait;
 use serde_json::Value;
 
 use crate::helpers::{spawn_app, transfer_body};
-use crate::on_every_backend;
+use redpacket_common::on_every_backend;
 
 const ACCOUNTS: &[&str] = &[
     "external",

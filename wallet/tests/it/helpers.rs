@@ -110,22 +110,4 @@ impl TestApp {
     }
 }
 
-/// Asserts a problem+json answer with the given status, code and field.
-pub async fn assert_problem(
-    response: reqwest::Response,
-    status: u16,
-    code: &str,
-    field: Option<&str>,
-) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status, "{body}");
-    assert_eq!(body["field"].as_str(), field, "{body}");
-    assert!(body["type"].as_str().unwrap().ends_with(code), "{body}");
-    body
-}
+pub use redpacket_common::testing::assert_problem;
