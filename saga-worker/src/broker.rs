@@ -27,6 +27,9 @@ pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
 pub const RETRY_LEVELS: u32 = 8;
 /// The longest wait between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// How long connecting, or waiting for a publish's confirm, may take: a connection that died
+/// mid-way must not leave a caller waiting forever.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -34,6 +37,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused the message (negative confirm)")]
     Nacked,
+    #[error("the broker did not answer within {BROKER_TIMEOUT:?}")]
+    Timeout,
 }
 
 /// Names of one deployment's exchange and queues.
@@ -68,7 +73,7 @@ impl Topology {
 }
 
 struct Live {
-    connection: Connection,
+    connection: Arc<Connection>,
     publisher: Channel,
 }
 
@@ -131,7 +136,7 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Live {
-            connection,
+            connection: Arc::new(connection),
             publisher: channel,
         })
     }
@@ -145,7 +150,9 @@ impl Broker {
         {
             return Ok(current.publisher.clone());
         }
-        let opened = self.open().await?;
+        let opened = tokio::time::timeout(BROKER_TIMEOUT, self.open())
+            .await
+            .map_err(|_| BrokerError::Timeout)??;
         let channel = opened.publisher.clone();
         *live = Some(opened);
         Ok(channel)
@@ -154,13 +161,22 @@ impl Broker {
     /// A new channel for a consumer with a bound on unacknowledged deliveries.
     pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
         self.publisher().await?;
-        let live = self.live.lock().await;
-        let connection = &live.as_ref().ok_or(BrokerError::Nacked)?.connection;
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        Ok(channel)
+        let connection = {
+            let live = self.live.lock().await;
+            live.as_ref()
+                .ok_or(BrokerError::Timeout)?
+                .connection
+                .clone()
+        };
+        tokio::time::timeout(BROKER_TIMEOUT, async {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            Ok(channel)
+        })
+        .await
+        .map_err(|_| BrokerError::Timeout)?
     }
 
     /// Waits until the broker answers again, backing off between attempts.
@@ -181,7 +197,11 @@ impl Broker {
     /// Closes the connection (tests use it to play a broker that drops its clients).
     pub async fn close_connection(&self) {
         if let Some(live) = self.live.lock().await.take() {
-            let _ = live.connection.close(320, "closed on purpose").await;
+            let _ = tokio::time::timeout(
+                BROKER_TIMEOUT,
+                live.connection.close(320, "closed on purpose"),
+            )
+            .await;
         }
     }
 
@@ -221,7 +241,10 @@ impl Broker {
             );
         }
         for confirm in confirms {
-            if confirm.await?.is_nack() {
+            let confirmation = tokio::time::timeout(BROKER_TIMEOUT, confirm)
+                .await
+                .map_err(|_| BrokerError::Timeout)??;
+            if confirmation.is_nack() {
                 return Err(BrokerError::Nacked);
             }
         }

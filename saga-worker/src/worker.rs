@@ -11,7 +11,7 @@ use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::messages::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, RETRY_LEVELS};
+use crate::broker::{BROKER_TIMEOUT, Broker, RETRY_LEVELS};
 use crate::engine::{Engine, Outcome};
 
 /// Counters of what the consumer did (exposed as metrics).
@@ -150,23 +150,26 @@ pub async fn consume(
                 };
                 match settle(&engine, &broker, &ids, &stats, parsed.as_ref().ok(), &delivery.data, outcome).await {
                     Ok(()) => {
-                        if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
-                            tracing::warn!(error = %err, "ack failed; the message will come again");
+                        let acked = tokio::time::timeout(BROKER_TIMEOUT, delivery.ack(BasicAckOptions::default())).await;
+                        if !matches!(acked, Ok(Ok(_))) {
+                            tracing::warn!("ack failed; the message will come again");
                         }
                     }
                     Err(err) => {
                         // Not settled: give it back to the broker for another try.
                         tracing::warn!(error = %err, "could not settle a message; requeueing");
-                        let _ = delivery
-                            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                            .await;
+                        let _ = tokio::time::timeout(
+                            BROKER_TIMEOUT,
+                            delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }),
+                        )
+                        .await;
                     }
                 }
             });
         }
         in_flight.close();
         in_flight.wait().await;
-        let _ = channel.close(200, "consumer stopping").await;
+        let _ = tokio::time::timeout(BROKER_TIMEOUT, channel.close(200, "consumer stopping")).await;
         if !shutdown.is_cancelled() {
             broker.reconnect().await;
         }
