@@ -150,6 +150,10 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
     /// Drops the pending copy once the claim is in the database.
     async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError>;
 
+    /// Forgets a settled campaign's pool: every key of it, the hand-off streams and their
+    /// registry entries included. Only once no grab can happen and the hand-off is relayed.
+    async fn purge(&self, campaign: &PoolCampaign) -> Result<(), PoolError>;
+
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), PoolError>;
 }
@@ -599,6 +603,28 @@ impl PacketPool for RedisPool {
     async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError> {
         let key = format!("{}:{{c:{campaign_id}}}:pending", self.prefix);
         let _: () = self.connection.clone().hdel(key, claim_id).await?;
+        Ok(())
+    }
+
+    async fn purge(&self, campaign: &PoolCampaign) -> Result<(), PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let mut connection = self.connection.clone();
+        let _: () = connection
+            .srem(self.stream_registry_key(), &keys.streams)
+            .await?;
+        let mut all: Vec<&str> = vec![&keys.meta, &keys.pending, &keys.returned];
+        all.extend(keys.users.iter().map(String::as_str));
+        all.extend(keys.buckets.iter().map(String::as_str));
+        all.extend(keys.streams.iter().map(String::as_str));
+        // UNLINK frees large hashes and streams off Redis's main thread.
+        let _: () = redis::cmd("UNLINK")
+            .arg(all)
+            .query_async(&mut connection)
+            .await?;
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&campaign.id);
         Ok(())
     }
 

@@ -737,6 +737,9 @@ impl CampaignService {
                 ));
             }
         }
+        // Settled: no grab can come and every claim is finished, so the pool's keys go (the
+        // final counters are in the database). A repeated settle purges again, harmlessly.
+        self.pool.purge(&pool_campaign(&campaign)).await?;
         self.campaign(id).await
     }
 

@@ -10,7 +10,8 @@
 //!
 //! A lease alone cannot give mutual exclusion: a holder paused longer than the ttl (a GC pause,
 //! a stalled VM) wakes up believing it still holds the lease. So every grant carries a fencing
-//! token, a counter incremented atomically with the grant; the resources a holder writes keep
+//! token, a counter incremented atomically with the grant (one counter for every lease of a
+//! manager, so no key is left behind per lease); the resources a holder writes keep
 //! the highest token they have seen and refuse writes with an older one ([`fenced_set`] is such
 //! a resource in Redis; saga rows in the database are another).
 
@@ -69,6 +70,7 @@ pub enum LeaseError {
 #[derive(Clone)]
 pub struct LeaseManager {
     connection: ConnectionManager,
+    fence_key: std::sync::Arc<str>,
     acquire: std::sync::Arc<Script>,
     extend: std::sync::Arc<Script>,
     release: std::sync::Arc<Script>,
@@ -94,9 +96,16 @@ pub struct Lease {
 }
 
 impl LeaseManager {
+    /// Leases whose fencing tokens come from the counter `rp:lease:fence`.
     pub fn new(connection: ConnectionManager) -> Self {
+        Self::with_fence_key(connection, "rp:lease:fence")
+    }
+
+    /// Leases whose fencing tokens come from the counter at `fence_key`.
+    pub fn with_fence_key(connection: ConnectionManager, fence_key: &str) -> Self {
         LeaseManager {
             connection,
+            fence_key: fence_key.into(),
             acquire: std::sync::Arc::new(Script::new(ACQUIRE)),
             extend: std::sync::Arc::new(Script::new(EXTEND)),
             release: std::sync::Arc::new(Script::new(RELEASE)),
@@ -114,7 +123,7 @@ impl LeaseManager {
         let fence: Option<u64> = self
             .acquire
             .key(key)
-            .key(format!("{key}:fence"))
+            .key(&*self.fence_key)
             .arg(&token)
             .arg(ttl_ms)
             .invoke_async(&mut self.connection.clone())

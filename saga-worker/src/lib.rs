@@ -198,7 +198,10 @@ impl Application {
                 config.credit_linger,
             ),
             wallet,
-            leases: LeaseManager::new(redis.clone()),
+            leases: LeaseManager::with_fence_key(
+                redis.clone(),
+                &format!("{}:lease:fence", config.redis_prefix),
+            ),
             lease_prefix: config.redis_prefix.clone(),
             lease_ttl: config.lease_ttl,
         };

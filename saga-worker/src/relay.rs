@@ -76,6 +76,17 @@ pub async fn relay_handoff(
                 .smembers(&registry_key)
                 .await
                 .unwrap_or_default();
+            // Streams of settled campaigns leave the registry: stop relaying them.
+            let gone: Vec<String> = held
+                .keys()
+                .filter(|stream| !streams.contains(stream))
+                .cloned()
+                .collect();
+            for stream in gone {
+                if let Some(lease) = held.remove(&stream) {
+                    let _ = lease.release().await;
+                }
+            }
             for stream in streams {
                 if held.contains_key(&stream) {
                     continue;

@@ -327,6 +327,28 @@ impl System {
             .await
     }
 
+    /// Redis keys of this system that contain `part`, the hand-off registry's members included.
+    pub async fn redis_keys(&self, part: &str) -> Vec<String> {
+        let mut redis = redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.redis_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let registered: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{}:handoff:streams", self.redis_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        keys.extend(registered);
+        keys.retain(|key| key.contains(part));
+        keys
+    }
+
     pub async fn assert_ledger(&self) {
         for check in self.ledger.check_invariants().await.unwrap() {
             assert!(check.ok, "{}: {}", check.name, check.detail);

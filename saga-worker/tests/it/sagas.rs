@@ -125,6 +125,12 @@ async fn messages_delivered_twice_credit_once() {
     system.wait_for_status(&id, "settled", 60).await;
     assert_each_credited_once(&system, &grabs).await;
     assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
+    // Settled: the pool, its hand-off and the relays' leases on it leave Redis.
+    system
+        .wait_until(10, "the campaign's Redis keys are gone", || async {
+            system.redis_keys(&format!("{{c:{id}}}")).await.is_empty()
+        })
+        .await;
     system.assert_ledger().await;
     system.stop().await;
 }
