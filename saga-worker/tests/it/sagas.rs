@@ -428,3 +428,57 @@ async fn a_saga_out_of_retries_is_dead_lettered_and_replays() {
     );
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_re_drives_a_saga_that_stopped_moving() {
+    use sea_orm::{ConnectionTrait, Statement};
+    let system = spawn_system(TestSwitches::default(), 500).await;
+    system.top_up("m1", 100_000).await;
+    let id = system.create_campaign("m1", 1_000, 5, 600_000).await;
+    system.wait_for_status(&id, "active", 30).await;
+    let grabs = system.grab_all(&id, 1, 1).await;
+    let saga_id = format!("grab:{}", grabs[0]["claim_id"].as_str().unwrap());
+    system
+        .wait_until(30, "the saga completes", || async {
+            system
+                .sagas
+                .get(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == state::COMPLETED)
+        })
+        .await;
+
+    // Its message is gone; the row says it stopped half-way an hour ago.
+    let backend = system.sagas.db().get_database_backend();
+    let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    system
+        .sagas
+        .db()
+        .execute_raw(Statement::from_string(
+            backend,
+            format!("UPDATE saga_sagas SET state = 'running', step = 'record', updated_at_ms = {hour_ago} WHERE id = '{saga_id}'"),
+        ))
+        .await
+        .unwrap();
+    let broker = system.worker.as_ref().unwrap().broker.clone();
+    let redriven =
+        redpacket_saga_worker::sweeper::sweep_once(&system.sagas, &broker, Duration::from_secs(60))
+            .await
+            .unwrap();
+    assert_eq!(redriven, 1);
+    system
+        .wait_until(30, "the re-driven saga completes again", || async {
+            system
+                .sagas
+                .get(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == state::COMPLETED)
+        })
+        .await;
+    // Every step was idempotent: the user was credited once.
+    assert_each_credited_once(&system, &grabs).await;
+    system.assert_ledger().await;
+    system.stop().await;
+}
