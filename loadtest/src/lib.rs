@@ -87,3 +87,80 @@ pub fn ratio(numerator: u64, denominator: u64) -> String {
 }
 
 pub use redpacket_common::db::database_url;
+
+/// Scratch databases on one server, created for a benchmark run and dropped after it.
+#[derive(Debug)]
+pub struct ScratchDatabases {
+    admin: sea_orm::DatabaseConnection,
+    server_url: String,
+    names: Vec<String>,
+}
+
+impl ScratchDatabases {
+    /// Creates `rp_bench_{label}_{random}` for every label.
+    pub async fn create(server_url: &str, labels: &[&str]) -> anyhow::Result<Self> {
+        use sea_orm::ConnectionTrait;
+        let admin = sea_orm::Database::connect(server_url)
+            .await
+            .map_err(|err| anyhow::anyhow!("connecting to {server_url}: {err}"))?;
+        let run = &uuid::Uuid::new_v4().simple().to_string()[..12];
+        let names: Vec<String> = labels
+            .iter()
+            .map(|label| format!("rp_bench_{label}_{run}"))
+            .collect();
+        for name in &names {
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await?;
+        }
+        Ok(ScratchDatabases {
+            admin,
+            server_url: server_url.to_owned(),
+            names,
+        })
+    }
+
+    /// The name of the `index`-th database.
+    pub fn name(&self, index: usize) -> &str {
+        &self.names[index]
+    }
+
+    /// The URL of the `index`-th database.
+    pub fn url(&self, index: usize) -> String {
+        database_url(&self.server_url, &self.names[index])
+    }
+
+    /// A prefix unique to this run, for Redis keys and broker names.
+    pub fn run_id(&self) -> &str {
+        self.names[0].rsplit('_').next().unwrap_or("run")
+    }
+
+    /// Drops every database of the run.
+    pub async fn drop_all(self) -> anyhow::Result<()> {
+        use sea_orm::ConnectionTrait;
+        for name in &self.names {
+            self.admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes every Redis key under `prefix` (UNLINK: large values are freed in the background).
+pub async fn unlink_prefix(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let mut redis = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut redis)
+        .await?;
+    for chunk in keys.chunks(100) {
+        let _: () = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut redis)
+            .await?;
+    }
+    Ok(())
+}

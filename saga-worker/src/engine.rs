@@ -113,9 +113,11 @@ struct Run<'a> {
     request_id: &'a str,
 }
 
-/// A step's verdict: go to the next step, or stop with an outcome.
+/// A step's verdict: go to the next step, turn to undoing with a reason, or stop.
 enum Next {
     Step(&'static str),
+    /// Go to an undoing step, recording why.
+    Undo(&'static str, String),
     Finish(&'static str, Option<String>),
     Stop(Outcome),
 }
@@ -152,19 +154,27 @@ impl Run<'_> {
                 SagaEvent::CampaignEnded { .. } => self.refund_step(event, &step).await,
             };
             match next {
-                Next::Step(to) => {
-                    match self
-                        .engine
-                        .store
-                        .advance(self.saga_id, self.fence, to, state::RUNNING, None)
-                        .await
-                    {
-                        Ok(true) => step = to.to_owned(),
-                        // A newer executor took over: stop without touching anything.
-                        Ok(false) => return Outcome::Done,
-                        Err(err) => return Outcome::Retry(format!("saga store: {err}")),
-                    }
-                }
+                Next::Step(to) => match self
+                    .engine
+                    .store
+                    .advance(self.saga_id, self.fence, to, state::RUNNING, None)
+                    .await
+                {
+                    Ok(true) => step = to.to_owned(),
+                    // A newer executor took over: stop without touching anything.
+                    Ok(false) => return Outcome::Done,
+                    Err(err) => return Outcome::Retry(format!("saga store: {err}")),
+                },
+                Next::Undo(to, reason) => match self
+                    .engine
+                    .store
+                    .advance(self.saga_id, self.fence, to, state::RUNNING, Some(&reason))
+                    .await
+                {
+                    Ok(true) => step = to.to_owned(),
+                    Ok(false) => return Outcome::Done,
+                    Err(err) => return Outcome::Retry(format!("saga store: {err}")),
+                },
                 Next::Finish(final_state, reason) => {
                     return match self
                         .engine
@@ -242,22 +252,7 @@ impl Run<'_> {
                             detail,
                             "credit refused; compensating"
                         );
-                        match self
-                            .engine
-                            .store
-                            .advance(
-                                self.saga_id,
-                                self.fence,
-                                "compensate",
-                                state::RUNNING,
-                                Some(&format!("{code}: {detail}")),
-                            )
-                            .await
-                        {
-                            Ok(true) => Next::Step("compensate"),
-                            Ok(false) => Next::Stop(Outcome::Done),
-                            Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
-                        }
+                        Next::Undo("compensate", format!("{code}: {detail}"))
                     }
                 }
             }
@@ -308,22 +303,7 @@ impl Run<'_> {
                     Ok(_) => Next::Step("mark_funded"),
                     Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
                     Err(StepError::Permanent { code, detail }) => {
-                        match self
-                            .engine
-                            .store
-                            .advance(
-                                self.saga_id,
-                                self.fence,
-                                "reject",
-                                state::RUNNING,
-                                Some(&format!("{code}: {detail}")),
-                            )
-                            .await
-                        {
-                            Ok(true) => Next::Step("reject"),
-                            Ok(false) => Next::Stop(Outcome::Done),
-                            Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
-                        }
+                        Next::Undo("reject", format!("{code}: {detail}"))
                     }
                 }
             }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use loadtest::{PhaseResult, database_url, ratio, run_phase};
+use loadtest::{PhaseResult, ScratchDatabases, ratio, run_phase, unlink_prefix};
 use redpacket_campaign::{Application, CampaignService, PacketPool, RedisPool, Store};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database};
+
 use serde_json::{Value, json};
 
 /// Benchmarks the campaign service against the raw Redis script in the same run.
@@ -57,35 +57,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     redpacket_common::telemetry::install_crypto_provider();
-    let name = format!(
-        "rp_bench_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let admin = Database::connect(&args.postgres_url)
-        .await
-        .with_context(|| format!("connecting to {}", args.postgres_url))?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let prefix = format!("rpbench:{}", &name[9..]);
-    let outcome = run(&args, &database_url(&args.postgres_url, &name), &prefix).await;
-    let mut redis = redis::Client::open(args.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut redis)
-        .await?;
-    for chunk in keys.chunks(100) {
-        // UNLINK frees the large lists and streams in the background.
-        let _: () = redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut redis)
-            .await?;
-    }
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    let scratch = ScratchDatabases::create(&args.postgres_url, &["campaign"]).await?;
+    let prefix = format!("rpbench:{}", scratch.run_id());
+    let outcome = run(&args, &scratch.url(0), &prefix).await;
+    unlink_prefix(&args.redis_url, &prefix).await?;
+    scratch.drop_all().await?;
     outcome
 }
 

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use loadtest::{database_url, ratio};
+use loadtest::{ScratchDatabases, ratio, unlink_prefix};
 use redpacket_campaign::{CampaignService, RedisPool, Store};
 use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use redpacket_saga_worker::{Application, SagaConfig, TestSwitches};
-use sea_orm::{ConnectionTrait, Database, Statement};
+use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
 
 #[global_allocator]
@@ -71,45 +71,20 @@ struct Bench {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     redpacket_common::telemetry::install_crypto_provider();
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    let admin = Database::connect(&args.postgres_url)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let names: Vec<String> = ["wallet", "campaign", "saga"]
-        .iter()
-        .map(|s| format!("rp_bench_{s}_{suffix}"))
-        .collect();
-    for name in &names {
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await?;
-    }
-    let outcome = run(&args, &names, suffix).await;
-    for name in &names {
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-    }
-    let mut redis = redis::Client::open(args.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("rpbench:{suffix}:*"))
-        .query_async(&mut redis)
-        .await?;
-    for chunk in keys.chunks(100) {
-        let _: () = redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut redis)
-            .await?;
-    }
+    let scratch =
+        ScratchDatabases::create(&args.postgres_url, &["wallet", "campaign", "saga"]).await?;
+    let suffix = scratch.run_id().to_owned();
+    let urls = [scratch.url(0), scratch.url(1), scratch.url(2)];
+    let outcome = run(&args, &urls, &suffix).await;
+    scratch.drop_all().await?;
+    unlink_prefix(&args.redis_url, &format!("rpbench:{suffix}")).await?;
     outcome
 }
 
-async fn run(args: &Args, names: &[String], suffix: &str) -> anyhow::Result<()> {
+async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()> {
     let mut dbs = Vec::new();
-    for name in names {
-        let db = redpacket_common::db::connect(&database_url(&args.postgres_url, name), 16).await?;
+    for url in urls {
+        let db = redpacket_common::db::connect(url, 16).await?;
         Migrator::up(&db, None).await?;
         dbs.push(db);
     }
@@ -138,7 +113,7 @@ async fn run(args: &Args, names: &[String], suffix: &str) -> anyhow::Result<()> 
         wallet_url,
         campaign_db: dbs[1].clone(),
         config: SagaConfig {
-            database_url: Secret::new(database_url(&args.postgres_url, &names[2])),
+            database_url: Secret::new(urls[2].clone()),
             redis_url: Secret::new(args.redis_url.clone()),
             amqp_url: Secret::new(args.amqp_url.clone()),
             campaign_url: String::new(),

@@ -7,11 +7,10 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use loadtest::{PhaseResult, database_url, ratio, run_phase};
+use loadtest::{PhaseResult, ScratchDatabases, ratio, run_phase};
 use redpacket_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::{Value, json};
 
 /// Benchmarks the wallet against the raw database in the same run.
@@ -46,21 +45,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     redpacket_common::telemetry::install_crypto_provider();
-    let name = format!(
-        "rp_bench_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let admin = Database::connect(&args.postgres_url)
-        .await
-        .with_context(|| format!("connecting to {}", args.postgres_url))?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let url = database_url(&args.postgres_url, &name);
-    let outcome = run(&args, &url, &name).await;
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    let scratch = ScratchDatabases::create(&args.postgres_url, &["wallet"]).await?;
+    let outcome = run(&args, &scratch.url(0), scratch.name(0)).await;
+    scratch.drop_all().await?;
     outcome
 }
 
