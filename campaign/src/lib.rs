@@ -20,9 +20,7 @@ use std::time::Duration;
 
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use redpacket_common::http::{
-    BoundListener, DEFAULT_BODY_LIMIT_BYTES, Readiness, service_endpoint,
-};
+use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::telemetry::Metrics;
 use redpacket_common::{ConfigError, ConfigSource, Secret};
@@ -122,13 +120,7 @@ pub fn endpoint(service: CampaignService) -> impl Endpoint + 'static {
     );
     let spec = api.spec_endpoint();
     let route = Route::new().at("/openapi.json", spec).nest("/", api);
-    service_endpoint(
-        route,
-        Metrics::new("campaign"),
-        Arc::new(ready),
-        DEFAULT_BODY_LIMIT_BYTES,
-    )
-    .boxed()
+    service_endpoint(route, Metrics::new("campaign"), Arc::new(ready)).boxed()
 }
 
 /// Runs the lifecycle until `shutdown` resolves: every tick, and at once when woken.

@@ -28,16 +28,12 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A JSON request body parsed strictly with serde: unknown fields, wrong types and trailing
-/// data are refused with a problem naming the field, and the body is bounded in size.
+/// data are refused with a problem naming the field, and the body is bounded to `LIMIT` bytes
+/// (a constant per operation, so no per-request state is needed to enforce it).
 #[derive(Debug)]
-pub struct StrictJson<T>(pub T);
+pub struct StrictJson<T, const LIMIT: usize = DEFAULT_BODY_LIMIT_BYTES>(pub T);
 
-/// Upper bound on a [`StrictJson`] body, set per route as request data; the default applies
-/// when none is set.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
-
-impl<T: Type> Payload for StrictJson<T> {
+impl<T: Type, const LIMIT: usize> Payload for StrictJson<T, LIMIT> {
     const CONTENT_TYPE: &'static str = "application/json";
 
     fn check_content_type(content_type: &str) -> bool {
@@ -56,13 +52,11 @@ impl<T: Type> Payload for StrictJson<T> {
     }
 }
 
-impl<T: DeserializeOwned + Send> ParsePayload for StrictJson<T> {
+impl<T: DeserializeOwned + Send, const LIMIT: usize> ParsePayload for StrictJson<T, LIMIT> {
     const IS_REQUIRED: bool = true;
 
-    async fn from_request(request: &Request, body: &mut poem::RequestBody) -> poem::Result<Self> {
-        let limit = request
-            .data::<BodyLimit>()
-            .map_or(DEFAULT_BODY_LIMIT_BYTES, |limit| limit.0);
+    async fn from_request(_request: &Request, body: &mut poem::RequestBody) -> poem::Result<Self> {
+        let limit = LIMIT;
         let bytes = body
             .take()?
             .into_bytes_limit(limit)
@@ -80,7 +74,11 @@ impl<T: DeserializeOwned + Send> ParsePayload for StrictJson<T> {
     }
 }
 
-poem_openapi::impl_apirequest_for_payload!(StrictJson<T>, T: Type + DeserializeOwned + Send);
+poem_openapi::impl_apirequest_for_payload!(
+    StrictJson<T, LIMIT>,
+    T: Type + DeserializeOwned + Send,
+    const LIMIT: usize
+);
 
 /// A JSON response serialized straight from the value with serde (poem-openapi's `Json` goes
 /// through an intermediate `serde_json::Value`, an allocation per field). For hot paths.
@@ -193,7 +191,6 @@ pub fn service_endpoint(
     routes: Route,
     metrics: Metrics,
     readiness: Arc<dyn Readiness>,
-    body_limit: usize,
 ) -> impl Endpoint + 'static {
     let metrics_for_route = metrics.clone();
     routes
@@ -218,7 +215,6 @@ pub fn service_endpoint(
                 }
             })),
         )
-        .data(BodyLimit(body_limit))
         .around(move |endpoint, mut request| {
             let metrics = metrics.clone();
             async move {

@@ -25,9 +25,7 @@ use std::time::Duration;
 
 use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use redpacket_common::http::{
-    BoundListener, DEFAULT_BODY_LIMIT_BYTES, Readiness, service_endpoint,
-};
+use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::lease::LeaseManager;
 use redpacket_common::telemetry::Metrics;
@@ -290,8 +288,7 @@ impl Application {
             store: self.engine.store.clone(),
             redis: self.redis.clone(),
         };
-        let endpoint =
-            service_endpoint(routes, metrics, Arc::new(ready), DEFAULT_BODY_LIMIT_BYTES).boxed();
+        let endpoint = service_endpoint(routes, metrics, Arc::new(ready)).boxed();
         tracing::info!(addr = %self.listener.local_addr(), "saga worker listening");
         let served = self.listener.serve(endpoint, shutdown).await;
         stop.cancel();

@@ -392,7 +392,7 @@ impl WalletApi {
     #[oai(path = "/transfers/batch", method = "post", tag = "ApiTags::Transfers")]
     async fn transfer_batch(
         &self,
-        body: StrictJson<BatchBody>,
+        body: StrictJson<BatchBody, { crate::BODY_LIMIT_BYTES }>,
     ) -> Result<Json<BatchResults>, Problem> {
         let bodies = body.0.transfers;
         if bodies.is_empty() || bodies.len() > MAX_BATCH_TRANSFERS {
