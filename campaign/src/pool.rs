@@ -160,12 +160,14 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
 
 /// FNV-1a: a stable hash for a user's home bucket (the same in every process and version).
 pub fn home_bucket(user_id: &str, buckets: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in user_id.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    u32::try_from(hash % u64::from(buckets.max(1))).unwrap_or(0)
+    u32::try_from(fnv1a(user_id) % u64::from(buckets.max(1))).unwrap_or(0)
+}
+
+/// FNV-1a of a string: stable across processes and versions, unlike the standard hasher.
+pub fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 const GRAB_SCRIPT: &str = r"

@@ -19,10 +19,8 @@ pub const STATS_SHARDS: i32 = 16;
 
 /// The counter row a claim counts in.
 fn shard_of(claim_id: &str) -> i32 {
-    let hash = claim_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    i32::try_from(hash % u64::from(STATS_SHARDS.unsigned_abs())).unwrap_or(0)
+    i32::try_from(crate::pool::fnv1a(claim_id) % u64::from(STATS_SHARDS.unsigned_abs()))
+        .unwrap_or(0)
 }
 
 /// Lifecycle states.
@@ -602,15 +600,8 @@ impl Store {
         before: Option<&str>,
         limit: u64,
     ) -> Result<Vec<claim::Model>, StoreError> {
-        let mut query = claim::Entity::find().filter(claim::Column::UserId.eq(user_id));
-        if let Some(before) = before {
-            query = query.filter(claim::Column::Id.lt(before));
-        }
-        Ok(query
-            .order_by_desc(claim::Column::Id)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
+        self.claims_page(claim::Column::UserId.eq(user_id), before, limit)
+            .await
     }
 
     /// Claims of a campaign, newest first, with ids below `before`.
@@ -620,7 +611,17 @@ impl Store {
         before: Option<&str>,
         limit: u64,
     ) -> Result<Vec<claim::Model>, StoreError> {
-        let mut query = claim::Entity::find().filter(claim::Column::CampaignId.eq(campaign_id));
+        self.claims_page(claim::Column::CampaignId.eq(campaign_id), before, limit)
+            .await
+    }
+
+    async fn claims_page(
+        &self,
+        owner: sea_orm::sea_query::SimpleExpr,
+        before: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<claim::Model>, StoreError> {
+        let mut query = claim::Entity::find().filter(owner);
         if let Some(before) = before {
             query = query.filter(claim::Column::Id.lt(before));
         }

@@ -38,7 +38,8 @@ pub struct AccountName {
     kind: AccountKind,
 }
 
-fn is_owner_id(id: &str) -> bool {
+/// Whether `id` is a valid owner id (user, merchant, campaign): 1-64 letters, digits, `-`, `_`.
+pub fn is_owner_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_OWNER_ID_LEN
         && id
