@@ -404,21 +404,28 @@ impl WalletApi {
             .iter()
             .filter_map(|p| p.as_ref().ok().cloned())
             .collect();
-        let mut applied = self
-            .ledger
-            .apply(&valid)
-            .await
-            .map_err(WalletError::from)?
-            .into_iter();
+        let applied = self.ledger.apply(&valid).await.map_err(WalletError::from)?;
+        if applied.len() != valid.len() {
+            return Err(WalletError::Ledger(LedgerError::Invariant(format!(
+                "{} results for {} transfers",
+                applied.len(),
+                valid.len()
+            )))
+            .into());
+        }
+        let mut applied = applied.into_iter();
         let results = parsed
             .into_iter()
             .map(|parsed| match parsed {
-                Ok(_) => item(
-                    applied
-                        .next()
-                        .unwrap_or_else(|| Err(TransferError::Conflict("missing".into())))
-                        .map_err(WalletError::from),
-                ),
+                // One result per valid transfer, in order: the lengths were checked above.
+                Ok(_) => item(applied.next().map_or_else(
+                    || {
+                        Err(WalletError::Ledger(LedgerError::Invariant(
+                            "result missing".into(),
+                        )))
+                    },
+                    |result| result.map_err(WalletError::from),
+                )),
                 Err(err) => item(Err(err)),
             })
             .collect();
