@@ -191,6 +191,7 @@ async fn relay_round(
         return Ok(());
     }
     let mut messages = Vec::with_capacity(entries.len());
+    let mut unreadable = Vec::new();
     for (stream, id, fields) in &entries {
         match envelope_of(fields) {
             Some(envelope) => {
@@ -200,10 +201,27 @@ async fn relay_round(
                 }
                 messages.push((envelope.message_id, bytes));
             }
-            None => tracing::error!(stream, id, "unreadable hand-off entry; dropping it"),
+            None => {
+                // Never dropped: it goes to the dead queue for an operator, as it was.
+                tracing::error!(stream, id, "unreadable hand-off entry; dead-lettering it");
+                let raw: HashMap<&str, String> = fields
+                    .iter()
+                    .map(|(name, value)| {
+                        let text = redis::from_redis_value_ref::<String>(value)
+                            .unwrap_or_else(|_| format!("{value:?}"));
+                        (name.as_str(), text)
+                    })
+                    .collect();
+                let body = serde_json::json!({ "stream": stream, "entry": id, "fields": raw });
+                unreadable.push((
+                    format!("handoff:{stream}:{id}"),
+                    body.to_string().into_bytes(),
+                ));
+            }
         }
     }
     broker.publish_all("work", &messages).await?;
+    broker.publish_all("dead", &unreadable).await?;
     // Only now, with every message confirmed, the entries leave the stream.
     let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
     for (stream, id, _) in &entries {
@@ -275,6 +293,7 @@ async fn outbox_round(campaign: &CampaignClient, broker: &Broker) -> anyhow::Res
         return Ok(0);
     }
     let mut messages = Vec::new();
+    let mut unknown = Vec::new();
     let mut ids = Vec::new();
     for event in &events {
         let id = event["id"].as_str().unwrap_or_default().to_owned();
@@ -300,7 +319,9 @@ async fn outbox_round(campaign: &CampaignClient, broker: &Broker) -> anyhow::Res
                 total_amount: fields.3,
             }),
             other => {
-                tracing::error!(kind = ?other, id, "unknown outbox event; skipping it");
+                // Never dropped: it goes to the dead queue for an operator, as it was.
+                tracing::error!(kind = ?other, id, "unknown outbox event; dead-lettering it");
+                unknown.push((format!("outbox:{id}"), event.to_string().into_bytes()));
                 None
             }
         };
@@ -311,6 +332,7 @@ async fn outbox_round(campaign: &CampaignClient, broker: &Broker) -> anyhow::Res
         ids.push(id);
     }
     broker.publish_all("work", &messages).await?;
+    broker.publish_all("dead", &unknown).await?;
     campaign.ack_outbox(&ids).await?;
     Ok(events.len())
 }

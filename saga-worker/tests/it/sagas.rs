@@ -482,3 +482,66 @@ async fn the_sweeper_re_drives_a_saga_that_stopped_moving() {
     system.assert_ledger().await;
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_hand_off_entry_is_dead_lettered_not_dropped() {
+    use lapin::options::BasicGetOptions;
+    let system = spawn_system(TestSwitches::default(), 500).await;
+    system.top_up("m1", 100_000).await;
+    let id = system.create_campaign("m1", 1_000, 5, 600_000).await;
+    system.wait_for_status(&id, "active", 30).await;
+    let stream = format!("{}:{{c:{id}}}:h:0", system.config.redis_prefix);
+    let mut redis = redis::Client::open(crate::helpers::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("claim")
+        .arg("broken")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    system
+        .wait_until(30, "the entry left the stream", || {
+            let mut redis = redis.clone();
+            let stream = stream.clone();
+            async move {
+                let length: i64 = redis::cmd("XLEN")
+                    .arg(&stream)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                length == 0
+            }
+        })
+        .await;
+    let connection = lapin::Connection::connect(
+        &crate::helpers::amqp_url(),
+        lapin::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current()),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let dead = system
+        .worker
+        .as_ref()
+        .unwrap()
+        .broker
+        .topology()
+        .dead
+        .clone();
+    let message = channel
+        .basic_get(&dead, BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the entry is in the dead queue");
+    let body: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(body["fields"]["claim"], "broken", "{body}");
+    let _ = connection.close(200, "done").await;
+    system.stop().await;
+}
