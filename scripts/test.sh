@@ -102,6 +102,17 @@ ensure_nextest() {
   fi
 }
 
+ensure_sdk_generator() {
+  # The gateway's SDK test generates a Python client from openapi.json.
+  if ! command -v openapi-python-client >/dev/null; then
+    log "installing openapi-python-client"
+    if ! command -v pip3 >/dev/null; then
+      apt_install python3-pip python3-venv
+    fi
+    pip3 install --quiet openapi-python-client || pip3 install --quiet --break-system-packages openapi-python-client
+  fi
+}
+
 drop_leftover_databases() {
   # Databases of earlier runs that failed before dropping their own.
   psql "$RP_TEST_POSTGRES_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'rp\_t\_%'" 2>/dev/null |
@@ -122,6 +133,7 @@ ensure_mariadb
 ensure_redis
 ensure_rabbitmq
 ensure_nextest
+ensure_sdk_generator
 drop_leftover_databases
 
 log "running the test suite"

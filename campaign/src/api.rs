@@ -900,4 +900,64 @@ impl CampaignApi {
                 .into(),
         ))
     }
+
+    /// The campaign database's invariants, checked now, and the newest campaigns (at most
+    /// 500) with what their escrow must hold, for a reconciliation against the wallet.
+    #[oai(path = "/reconciliation", method = "get", tag = "ApiTags::Saga")]
+    async fn reconciliation(&self) -> Result<Json<ReconciliationDto>, Problem> {
+        let store = self.service.store();
+        let checks = store
+            .check_invariants()
+            .await
+            .map_err(CampaignError::from)?;
+        let campaigns = store
+            .recent_campaigns()
+            .await
+            .map_err(CampaignError::from)?;
+        Ok(Json(ReconciliationDto {
+            checks: checks
+                .into_iter()
+                .map(|check| CheckDto {
+                    name: check.name.to_owned(),
+                    ok: check.ok,
+                    detail: check.detail,
+                })
+                .collect(),
+            campaigns: campaigns
+                .into_iter()
+                .map(|campaign| CampaignBrief {
+                    id: campaign.id.to_string(),
+                    status: campaign.status,
+                    total_amount: campaign.total_amount,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// One invariant, checked now.
+#[derive(Debug, Clone, Object, serde::Serialize, Deserialize)]
+pub struct CheckDto {
+    /// A stable name.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was measured, or the offending ids.
+    pub detail: String,
+}
+
+/// A campaign as the escrow check needs it.
+#[derive(Debug, Clone, Object, serde::Serialize, Deserialize)]
+pub struct CampaignBrief {
+    pub id: String,
+    pub status: String,
+    pub total_amount: i64,
+}
+
+/// The campaign side of a reconciliation.
+#[derive(Debug, Clone, Object, serde::Serialize, Deserialize)]
+pub struct ReconciliationDto {
+    pub checks: Vec<CheckDto>,
+    /// The newest campaigns, newest first.
+    pub campaigns: Vec<CampaignBrief>,
 }

@@ -725,6 +725,150 @@ fn campaign_active_model(model: &campaign::Model) -> campaign::ActiveModel {
     }
 }
 
+/// The most offending ids a check lists.
+const MAX_OFFENDERS: usize = 20;
+/// The most campaigns one reconciliation lists for the escrow check (newest first).
+pub const MAX_RECONCILED_CAMPAIGNS: u64 = 500;
+
+/// One invariant of the campaign database, checked now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn over(name: &'static str, what: &str, offenders: Vec<String>) -> Check {
+        Check {
+            name,
+            ok: offenders.is_empty(),
+            detail: if offenders.is_empty() {
+                format!("{what}: none")
+            } else {
+                format!("{what}: {}", offenders.join(", "))
+            },
+        }
+    }
+}
+
+impl Store {
+    /// The campaign database's own invariants: no campaign has more claims than packets, no
+    /// user holds more claims than the campaign's limit, and the sharded counters agree with
+    /// the claims they count.
+    pub async fn check_invariants(&self) -> Result<Vec<Check>, StoreError> {
+        let over_packets = self
+            .texts(
+                "SELECT CAST(c.id AS CHAR(20)) FROM campaign_campaigns c JOIN (SELECT campaign_id, \
+                 COUNT(*) AS n FROM campaign_claims GROUP BY campaign_id) k ON k.campaign_id = \
+                 c.id WHERE k.n > c.packet_count ORDER BY c.id",
+            )
+            .await?;
+        let over_limit = self
+            .texts(
+                "SELECT CONCAT(CAST(k.campaign_id AS CHAR(20)), CONCAT('/', k.user_id)) FROM \
+                 (SELECT campaign_id, user_id, COUNT(*) AS n FROM campaign_claims GROUP BY \
+                 campaign_id, user_id) k JOIN campaign_campaigns c ON c.id = k.campaign_id WHERE \
+                 k.n > c.per_user_limit ORDER BY k.campaign_id",
+            )
+            .await?;
+        let drifted = self
+            .texts(
+                "SELECT CAST(s.campaign_id AS CHAR(20)) FROM (SELECT campaign_id, \
+                 SUM(packets_recorded) AS pr, SUM(packets_credited) AS pc, SUM(amount_credited) \
+                 AS ac, SUM(packets_compensated) AS pp, SUM(amount_compensated) AS ap FROM \
+                 campaign_stats GROUP BY campaign_id) s LEFT JOIN (SELECT campaign_id, COUNT(*) AS \
+                 pr, SUM(CASE WHEN status = 'credited' THEN 1 ELSE 0 END) AS pc, SUM(CASE WHEN \
+                 status = 'credited' THEN amount ELSE 0 END) AS ac, SUM(CASE WHEN status = \
+                 'compensated' THEN 1 ELSE 0 END) AS pp, SUM(CASE WHEN status = 'compensated' THEN \
+                 amount ELSE 0 END) AS ap FROM campaign_claims GROUP BY campaign_id) k ON \
+                 k.campaign_id = s.campaign_id WHERE s.pr <> COALESCE(k.pr, 0) OR s.pc <> \
+                 COALESCE(k.pc, 0) OR s.ac <> COALESCE(k.ac, 0) OR s.pp <> COALESCE(k.pp, 0) OR \
+                 s.ap <> COALESCE(k.ap, 0) ORDER BY s.campaign_id",
+            )
+            .await?;
+        Ok(vec![
+            Check::over(
+                "grabs_within_packets",
+                "campaigns with more claims than packets",
+                over_packets,
+            ),
+            Check::over(
+                "users_within_limit",
+                "campaign/user pairs above the per-user limit",
+                over_limit,
+            ),
+            Check::over(
+                "counters_match_claims",
+                "campaigns whose counters disagree with their claims",
+                drifted,
+            ),
+        ])
+    }
+
+    /// The newest campaigns, for the escrow check.
+    pub async fn recent_campaigns(&self) -> Result<Vec<campaign::Model>, StoreError> {
+        Ok(campaign::Entity::find()
+            .order_by_desc(campaign::Column::Id)
+            .limit(MAX_RECONCILED_CAMPAIGNS)
+            .all(&self.db)
+            .await?)
+    }
+
+    async fn texts(&self, sql: &str) -> Result<Vec<String>, StoreError> {
+        let backend = self.db.get_database_backend();
+        // SQLite has no CONCAT before 3.44 and spells CHAR casts differently: rewrite the two
+        // portable-enough spellings rather than keep three copies of each query.
+        let sql = match backend {
+            sea_orm::DbBackend::Sqlite => sqlite_dialect(sql),
+            sea_orm::DbBackend::Postgres => sql.replace("AS CHAR(20)", "AS VARCHAR(20)"),
+            _ => sql.to_owned(),
+        };
+        let sql = format!("{sql} LIMIT {MAX_OFFENDERS}");
+        let rows = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_string(backend, sql))
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get_by_index::<String>(0).map_err(StoreError::from))
+            .collect()
+    }
+}
+
+/// `CAST(x AS CHAR(20))` → `CAST(x AS TEXT)`, `CONCAT(a, b)` → `(a || b)`.
+fn sqlite_dialect(sql: &str) -> String {
+    let mut out = sql.replace("AS CHAR(20)", "AS TEXT");
+    while let Some(start) = out.find("CONCAT(") {
+        // The arguments hold no top-level commas but the one that separates them.
+        let args_start = start + "CONCAT(".len();
+        let mut depth = 0usize;
+        let mut split = None;
+        let mut end = None;
+        for (offset, ch) in out[args_start..].char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' if depth == 0 => {
+                    end = Some(args_start + offset);
+                    break;
+                }
+                ')' => depth -= 1,
+                ',' if depth == 0 && split.is_none() => split = Some(args_start + offset),
+                _ => {}
+            }
+        }
+        let (Some(split), Some(end)) = (split, end) else {
+            break;
+        };
+        let replaced = format!(
+            "({} || {})",
+            out[args_start..split].trim(),
+            out[split + 1..end].trim()
+        );
+        out.replace_range(start..=end, &replaced);
+    }
+    out
+}
+
 fn claim_active_model(model: &claim::Model) -> claim::ActiveModel {
     claim::ActiveModel {
         id: Set(model.id.clone()),

@@ -65,6 +65,30 @@ enum Command {
         #[arg(long)]
         migrate: bool,
     },
+    /// Run the public gateway (OpenAPI at /openapi.json, Swagger UI at /docs). Needs
+    /// RP_CAMPAIGN_URL, RP_WALLET_URL, RP_SAGA_URL and RP_AUTH_SECRET; listens on RP_LISTEN
+    /// (default 127.0.0.1:8080).
+    Gateway,
+    /// Print a bearer token for the gateway.
+    ///
+    /// Signed with RP_AUTH_SECRET when set, else with the secret `redpacket dev` keeps in
+    /// `--data-dir`, so a token minted either way works against a gateway using that secret.
+    Token {
+        /// `user`, `merchant` or `operator`.
+        #[arg(long)]
+        role: redpacket_common::auth::Role,
+        /// The user's or merchant's id (letters, digits, `-`, `_`; at most 64).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime: `30s`, `15m`, `12h`, `7d` (at most 366d).
+        #[arg(long, default_value = "24h", value_parser = redpacket_common::auth::parse_ttl)]
+        ttl: std::time::Duration,
+        /// Where `redpacket dev` keeps its secret (used when RP_AUTH_SECRET is not set).
+        #[arg(long, default_value = ".redpacket")]
+        data_dir: PathBuf,
+    },
+    /// Print the public API's OpenAPI spec (what `openapi.json` holds).
+    Openapi,
     /// Apply, revert or list the schema migrations on RP_DATABASE_URL.
     Migrate {
         #[command(subcommand)]
@@ -146,6 +170,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let app = redpacket_saga_worker::Application::build(config, Default::default()).await?;
             app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Gateway => {
+            let config = redpacket_gateway::GatewayConfig::from_source(&source)?;
+            let app = redpacket_gateway::Application::build(&config).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Token {
+            role,
+            sub,
+            ttl,
+            data_dir,
+        } => {
+            let secret = redpacket_common::auth::secret_or_generated(&source, &data_dir)?;
+            let token =
+                redpacket_common::auth::TokenKey::new(secret.expose()).mint(role, &sub, ttl)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", redpacket_gateway::spec_json());
+            Ok(())
         }
         Command::Migrate { action } => migrate(&source, action).await,
     }

@@ -229,7 +229,14 @@ pub fn service_endpoint(
                 // Every error, the framework's own included, leaves as problem+json.
                 let mut response = tracing::Instrument::instrument(endpoint.call(request), span)
                     .await
-                    .unwrap_or_else(|err| problem_from_error(err).into_response());
+                    .unwrap_or_else(|err| {
+                        if err.is_from_response() {
+                            // Already an answer (an upstream's problem, relayed).
+                            err.into_response()
+                        } else {
+                            problem_from_error(err).into_response()
+                        }
+                    });
                 if let Some(value) = header {
                     response.headers_mut().insert(REQUEST_ID_HEADER, value);
                 }

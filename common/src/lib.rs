@@ -2,6 +2,7 @@
 //! HTTP edge.
 
 pub mod accounts;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod http;

@@ -215,6 +215,7 @@ const DOCUMENTED_STATUSES: &[(u16, &str)] = &[
         503,
         "A dependency is unavailable or the service sheds load; see Retry-After.",
     ),
+    (504, "A dependency did not answer in time."),
 ];
 
 impl ApiResponse for Problem {
@@ -265,6 +266,12 @@ pub fn problem_from_error(err: poem::Error) -> Problem {
     }
     let status = err.status();
     match status {
+        StatusCode::UNAUTHORIZED => Problem::new(
+            status,
+            "unauthorized",
+            "Unauthorized",
+            "a bearer token is required: `Authorization: Bearer <token>`",
+        ),
         StatusCode::NOT_FOUND => Problem::not_found("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => Problem::new(
             status,

@@ -1,1 +1,324 @@
-//! placeholder
+//! The gateway: the only public entry. It authenticates bearer tokens, applies rate limits and
+//! a bound on requests in flight, and relays to the campaign, wallet and saga services through
+//! a circuit breaker per upstream, degrading (fast 503s, stale statistics) when one fails.
+
+pub mod api;
+pub mod breaker;
+pub mod cache;
+pub mod dto;
+pub mod error;
+pub mod limits;
+pub mod payload;
+pub mod reconcile;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use poem::{Endpoint, EndpointExt, IntoResponse, Route};
+use poem_openapi::OpenApiService;
+use redpacket_common::auth::TokenKey;
+use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
+use redpacket_common::telemetry::Metrics;
+use redpacket_common::{ConfigError, ConfigSource, Problem, Secret};
+use tokio::sync::Semaphore;
+
+pub use api::PublicApi;
+use breaker::BreakerConfig;
+use limits::{LimitConfig, Limits};
+use upstream::{BreakerMetrics, Upstream};
+
+/// The deadline of each kind of route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `RP_TIMEOUT_GRAB_MS` (default 2,000): the grab, the hot path.
+    pub grab: Duration,
+    /// `RP_TIMEOUT_READ_MS` (default 5,000): reads.
+    pub read: Duration,
+    /// `RP_TIMEOUT_WRITE_MS` (default 15,000): top-ups, cancels, replays, reconciliation.
+    pub write: Duration,
+    /// `RP_TIMEOUT_CREATE_MS` (default 120,000): campaign creation (splits and stores up to
+    /// 10,000,000 packets).
+    pub create: Duration,
+}
+
+impl Timeouts {
+    fn from_source(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let millis = |var: &str, default: u64| -> Result<Duration, ConfigError> {
+            let value: u64 = source.or(var, default)?;
+            if !(1..=600_000).contains(&value) {
+                return Err(ConfigError::Malformed {
+                    var: var.to_owned(),
+                    shown: format!(" `{value}`"),
+                    reason: "must be between 1 and 600000 milliseconds".into(),
+                });
+            }
+            Ok(Duration::from_millis(value))
+        };
+        Ok(Timeouts {
+            grab: millis("RP_TIMEOUT_GRAB_MS", 2_000)?,
+            read: millis("RP_TIMEOUT_READ_MS", 5_000)?,
+            write: millis("RP_TIMEOUT_WRITE_MS", 15_000)?,
+            create: millis("RP_TIMEOUT_CREATE_MS", 120_000)?,
+        })
+    }
+}
+
+/// The gateway's settings; only what it uses.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `RP_LISTEN` (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// `RP_CAMPAIGN_URL` (required).
+    pub campaign_url: String,
+    /// `RP_WALLET_URL` (required).
+    pub wallet_url: String,
+    /// `RP_SAGA_URL` (required): the saga worker's internal API.
+    pub saga_url: String,
+    /// `RP_AUTH_SECRET` (required, at least 32 bytes): signs and verifies bearer tokens.
+    pub auth_secret: Secret<Vec<u8>>,
+    /// `RP_MAX_IN_FLIGHT` (default 4,096, 1-1,000,000): requests served at once; beyond it,
+    /// 503 `overloaded` with Retry-After instead of an unbounded queue.
+    pub max_in_flight: u32,
+    /// `RP_CURRENCY` (default `CNY`): the currency shown for a wallet never used.
+    pub currency: String,
+    pub limits: LimitConfig,
+    pub breaker: BreakerConfig,
+    pub timeouts: Timeouts,
+}
+
+impl GatewayConfig {
+    pub fn from_source(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let max_in_flight: u32 = source.or("RP_MAX_IN_FLIGHT", 4096)?;
+        if !(1..=1_000_000).contains(&max_in_flight) {
+            return Err(ConfigError::Malformed {
+                var: "RP_MAX_IN_FLIGHT".into(),
+                shown: format!(" `{max_in_flight}`"),
+                reason: "must be between 1 and 1000000".into(),
+            });
+        }
+        let url = |var: &str| -> Result<String, ConfigError> {
+            let value: String = source.required(var)?;
+            if !(value.starts_with("http://") || value.starts_with("https://")) {
+                return Err(ConfigError::Malformed {
+                    var: var.to_owned(),
+                    shown: format!(" `{value}`"),
+                    reason: "must be an http:// or https:// URL".into(),
+                });
+            }
+            Ok(value)
+        };
+        Ok(GatewayConfig {
+            listen: source.or("RP_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            campaign_url: url("RP_CAMPAIGN_URL")?,
+            wallet_url: url("RP_WALLET_URL")?,
+            saga_url: url("RP_SAGA_URL")?,
+            auth_secret: redpacket_common::auth::required_secret(source)?,
+            max_in_flight,
+            currency: source.or("RP_CURRENCY", "CNY".to_owned())?,
+            limits: LimitConfig::from_source(source)?,
+            breaker: BreakerConfig::from_source(source)?,
+            timeouts: Timeouts::from_source(source)?,
+        })
+    }
+}
+
+/// Everything a request needs, shared.
+#[derive(Debug)]
+pub struct Gateway {
+    pub key: TokenKey,
+    pub limits: Limits,
+    pub campaign: Upstream,
+    pub wallet: Upstream,
+    pub saga: Upstream,
+    pub cache: cache::Cache,
+    pub timeouts: Timeouts,
+    pub currency: String,
+    in_flight: Semaphore,
+}
+
+impl Gateway {
+    pub fn new(config: &GatewayConfig, metrics: &Metrics) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        let breaker_metrics = BreakerMetrics::new(metrics);
+        let upstream = |name, url: &str| {
+            Upstream::new(
+                name,
+                url,
+                client.clone(),
+                config.breaker,
+                breaker_metrics.clone(),
+            )
+        };
+        Ok(Gateway {
+            key: TokenKey::new(config.auth_secret.expose()),
+            limits: Limits::new(config.limits),
+            campaign: upstream("campaign", &config.campaign_url),
+            wallet: upstream("wallet", &config.wallet_url),
+            saga: upstream("saga", &config.saga_url),
+            cache: cache::Cache::default(),
+            timeouts: config.timeouts,
+            currency: config.currency.clone(),
+            in_flight: Semaphore::new(config.max_in_flight as usize),
+        })
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
+        [&self.campaign, &self.wallet, &self.saga].into_iter()
+    }
+}
+
+/// The public API's spec, as served at `/openapi.json` and committed as `openapi.json`.
+pub fn api_service(gateway: Arc<Gateway>) -> OpenApiService<PublicApi, ()> {
+    OpenApiService::new(
+        PublicApi::new(gateway),
+        "Red packets",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Merchants fund campaigns split into packets; users grab them; the money reaches \
+         their wallets through a saga. Amounts are integers in minor units with an ISO 4217 \
+         currency; ids are strings; times are RFC 3339. Every error is \
+         `application/problem+json` with a stable `code`. Authenticate with \
+         `Authorization: Bearer <token>` (HS256 JWT with `sub`, `role` and `exp`).",
+    )
+}
+
+/// The spec as pretty JSON (what `openapi.json` at the repository root holds).
+pub fn spec_json() -> String {
+    let config = GatewayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        campaign_url: "http://127.0.0.1:1".into(),
+        wallet_url: "http://127.0.0.1:1".into(),
+        saga_url: "http://127.0.0.1:1".into(),
+        auth_secret: Secret::new(vec![0; 32]),
+        max_in_flight: 1,
+        currency: "CNY".into(),
+        limits: LimitConfig::DEFAULT,
+        breaker: BreakerConfig::default(),
+        timeouts: Timeouts {
+            grab: Duration::from_secs(1),
+            read: Duration::from_secs(1),
+            write: Duration::from_secs(1),
+            create: Duration::from_secs(1),
+        },
+    };
+    let metrics = Metrics::new("gateway");
+    let gateway = Gateway::new(&config, &metrics).expect("an HTTP client builds");
+    let mut spec = api_service(Arc::new(gateway)).spec();
+    spec.push('\n');
+    spec
+}
+
+struct Ready {
+    gateway: Arc<Gateway>,
+}
+
+impl Readiness for Ready {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let open: Vec<&str> = self
+                .gateway
+                .upstreams()
+                .filter(|upstream| upstream.is_open())
+                .map(|upstream| upstream.name())
+                .collect();
+            if open.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("circuit open for: {}", open.join(", ")))
+            }
+        })
+    }
+}
+
+/// The gateway's routes: the API, `/openapi.json`, Swagger UI at `/docs`, health and
+/// metrics; the global rate limit and the in-flight bound in front of everything under `/v1`.
+pub fn endpoint(gateway: Arc<Gateway>, metrics: Metrics) -> impl Endpoint + 'static {
+    let api = api_service(gateway.clone());
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let guard = gateway.clone();
+    let api = api.data(gateway.clone()).around(move |endpoint, request| {
+        let gateway = guard.clone();
+        async move {
+            if let Err(wait) = gateway.limits.global.check(Instant::now()) {
+                return Ok(crate::error::rate_limited("global", wait).into_response());
+            }
+            let Ok(_permit) = gateway.in_flight.try_acquire() else {
+                return Ok(Problem::unavailable(
+                    "overloaded",
+                    "the gateway is at its bound of requests in flight; retry shortly",
+                )
+                .into_response());
+            };
+            endpoint
+                .call(request)
+                .await
+                .map(IntoResponse::into_response)
+        }
+    });
+    let route = Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/", api);
+    service_endpoint(route, metrics, Arc::new(Ready { gateway })).boxed()
+}
+
+/// A built, bound gateway.
+pub struct Application {
+    listener: BoundListener,
+    gateway: Arc<Gateway>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    pub async fn build(config: &GatewayConfig) -> anyhow::Result<Self> {
+        let metrics = Metrics::new("gateway");
+        let gateway = Arc::new(Gateway::new(config, &metrics)?);
+        let listener = BoundListener::bind(config.listen).await?;
+        Ok(Application {
+            listener,
+            gateway,
+            metrics,
+        })
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().port()
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr(), "gateway listening");
+        self.listener
+            .serve(endpoint(self.gateway, self.metrics), shutdown)
+            .await
+    }
+}

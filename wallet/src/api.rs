@@ -493,6 +493,43 @@ impl WalletApi {
             next_cursor: page.next_before.map(|id| id.to_string()),
         }))
     }
+
+    /// The ledger's invariants, checked now over the whole database.
+    #[oai(path = "/invariants", method = "get", tag = "ApiTags::Accounts")]
+    async fn invariants(&self) -> Result<Json<InvariantList>, Problem> {
+        let checks = self
+            .ledger
+            .check_invariants()
+            .await
+            .map_err(WalletError::from)?;
+        Ok(Json(InvariantList {
+            checks: checks
+                .into_iter()
+                .map(|check| InvariantView {
+                    name: check.name.to_owned(),
+                    ok: check.ok,
+                    detail: check.detail,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// One invariant, checked now.
+#[derive(Debug, Clone, Object)]
+pub struct InvariantView {
+    /// A stable name, e.g. `ledger_sums_to_zero`.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was measured, or the offending ids.
+    pub detail: String,
+}
+
+/// The ledger's invariants.
+#[derive(Debug, Clone, Object)]
+pub struct InvariantList {
+    pub checks: Vec<InvariantView>,
 }
 
 #[cfg(test)]

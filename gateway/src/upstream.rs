@@ -1,0 +1,253 @@
+//! Calls to one upstream service through its circuit breaker, with a deadline per call and the
+//! request id carried along.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use poem::http::{HeaderValue, Method, StatusCode};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use redpacket_common::Problem;
+use redpacket_common::http::REQUEST_ID_HEADER;
+use redpacket_common::telemetry::Metrics;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, Outcome, Transition};
+use crate::error::GatewayError;
+
+/// An upstream's answer, any status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub retry_after: Option<HeaderValue>,
+}
+
+impl Reply {
+    /// The body when the status is 2xx, else the upstream's problem relayed.
+    pub fn success(self) -> Result<Bytes, GatewayError> {
+        if self.status.is_success() {
+            Ok(self.body)
+        } else {
+            Err(self.into_error())
+        }
+    }
+
+    pub fn into_error(self) -> GatewayError {
+        GatewayError::Upstream {
+            status: self.status,
+            body: self.body,
+            retry_after: self.retry_after,
+        }
+    }
+
+    /// Parses a 2xx body, or relays the problem.
+    pub fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, GatewayError> {
+        let body = self.success()?;
+        serde_json::from_slice(&body).map_err(|err| {
+            tracing::error!(error = %err, "an upstream answered JSON the gateway cannot read");
+            GatewayError::Problem(Problem::internal())
+        })
+    }
+}
+
+/// Breaker gauges and counters, shared by the upstreams of a gateway.
+#[derive(Debug, Clone)]
+pub struct BreakerMetrics {
+    state: IntGaugeVec,
+    transitions: IntCounterVec,
+    rejected: IntCounterVec,
+}
+
+impl BreakerMetrics {
+    pub fn new(metrics: &Metrics) -> Self {
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "gateway_breaker_state",
+                "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            ),
+            &["upstream"],
+        )
+        .unwrap_or_else(|err| panic!("static metric definition is valid: {err}"));
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "gateway_breaker_transitions_total",
+                "Circuit breaker state changes per upstream",
+            ),
+            &["upstream", "from", "to"],
+        )
+        .unwrap_or_else(|err| panic!("static metric definition is valid: {err}"));
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "gateway_breaker_rejected_total",
+                "Calls refused by an open circuit breaker",
+            ),
+            &["upstream"],
+        )
+        .unwrap_or_else(|err| panic!("static metric definition is valid: {err}"));
+        metrics.register(Box::new(state.clone()));
+        metrics.register(Box::new(transitions.clone()));
+        metrics.register(Box::new(rejected.clone()));
+        BreakerMetrics {
+            state,
+            transitions,
+            rejected,
+        }
+    }
+}
+
+/// One upstream service.
+#[derive(Debug)]
+pub struct Upstream {
+    name: &'static str,
+    base: String,
+    client: reqwest::Client,
+    breaker: Breaker,
+    metrics: BreakerMetrics,
+}
+
+impl Upstream {
+    pub fn new(
+        name: &'static str,
+        base_url: &str,
+        client: reqwest::Client,
+        breaker: BreakerConfig,
+        metrics: BreakerMetrics,
+    ) -> Self {
+        metrics.state.with_label_values(&[name]).set(0);
+        Upstream {
+            name,
+            base: base_url.trim_end_matches('/').to_owned(),
+            client,
+            breaker: Breaker::new(breaker),
+            metrics,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        self.breaker.snapshot(Instant::now())
+    }
+
+    /// Whether a call would be refused right now without trying (the breaker is open).
+    pub fn is_open(&self) -> bool {
+        self.breaker.state() == crate::breaker::BreakerState::Open
+            && self
+                .snapshot()
+                .open_remaining
+                .is_some_and(|left| !left.is_zero())
+    }
+
+    fn note(&self, transition: Option<Transition>) {
+        if let Some(Transition { from, to }) = transition {
+            tracing::warn!(
+                upstream = self.name,
+                from = from.as_str(),
+                to = to.as_str(),
+                "circuit breaker changed state"
+            );
+            self.metrics
+                .state
+                .with_label_values(&[self.name])
+                .set(to.gauge());
+            self.metrics
+                .transitions
+                .with_label_values(&[self.name, from.as_str(), to.as_str()])
+                .inc();
+        }
+    }
+
+    /// Calls `method path` with an optional JSON body, within `deadline`.
+    ///
+    /// A refused call (open breaker) and a failed one (connection refused, timeout) answer
+    /// 503 / 504 at once; 5xx answers count as failures for the breaker and are relayed.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&'static str, &str)],
+        request_id: &str,
+        deadline: Duration,
+    ) -> Result<Reply, GatewayError> {
+        let started = Instant::now();
+        let (permit, transition) = self.breaker.try_acquire(started);
+        self.note(transition);
+        let permit = match permit {
+            Ok(permit) => permit,
+            Err(rejected) => {
+                self.metrics.rejected.with_label_values(&[self.name]).inc();
+                let seconds = rejected.retry_after.as_millis().div_ceil(1000).max(1);
+                return Err(Problem::unavailable(
+                    "upstream_unavailable",
+                    format!(
+                        "the {} service is unavailable (circuit open); retry after {seconds} s",
+                        self.name
+                    ),
+                )
+                .with_retry_after(u64::try_from(seconds).unwrap_or(u64::MAX))
+                .into());
+            }
+        };
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .timeout(deadline)
+            .header(REQUEST_ID_HEADER, request_id);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let result = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").cloned();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>(Reply {
+                status,
+                body,
+                retry_after,
+            })
+        }
+        .await;
+        let elapsed = started.elapsed();
+        let slow = elapsed > self.breaker.config().slow_call;
+        let failed = match &result {
+            Ok(reply) => reply.status.is_server_error(),
+            Err(_) => true,
+        };
+        self.note(
+            self.breaker
+                .record(permit, Outcome { failed, slow }, Instant::now()),
+        );
+        result.map_err(|err| {
+            if err.is_timeout() {
+                tracing::warn!(upstream = self.name, error = %err, "upstream timed out");
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "Gateway timeout",
+                    format!(
+                        "the {} service did not answer within {} ms",
+                        self.name,
+                        deadline.as_millis()
+                    ),
+                )
+                .into()
+            } else {
+                tracing::warn!(upstream = self.name, error = %err, "upstream call failed");
+                Problem::unavailable(
+                    "upstream_unavailable",
+                    format!("the {} service cannot be reached", self.name),
+                )
+                .with_retry_after(1)
+                .into()
+            }
+        })
+    }
+}

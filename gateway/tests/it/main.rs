@@ -1,0 +1,8 @@
+//! Black-box tests of the gateway: the real services behind it on PostgreSQL, Redis and
+//! RabbitMQ, or a fake upstream a test controls.
+
+mod auth;
+mod flow;
+mod resilience;
+mod spec;
+mod system;
