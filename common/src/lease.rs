@@ -1,4 +1,4 @@
-//! Redis lease locks with renewal and fencing tokens.
+//! Lease locks with renewal and fencing tokens, in Redis or (embedded mode) in memory.
 //!
 //! A lease is `SET key token NX PX ttl`: held by whoever set it, until it expires or its
 //! holder releases it. Release and extension are scripts that act only when the key still holds
@@ -66,14 +66,134 @@ pub enum LeaseError {
     TtlTooShort,
 }
 
-/// Grants leases on keys of one Redis.
+/// Where leases live: Redis for the distributed system, this process's memory for the
+/// embedded one. Both grant `key` to `token` only when nobody holds it, with a fencing token
+/// from a counter that only grows.
+#[async_trait::async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Grants the lease and answers its fencing token, or `None` when it is held.
+    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError>;
+    /// Extends the lease if `token` holds it.
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError>;
+    /// Releases the lease if `token` holds it.
+    async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError>;
+}
+
+/// Leases in one Redis: atomic scripts over `SET NX PX` and a counter.
+struct RedisLeases {
+    connection: ConnectionManager,
+    fence_key: String,
+    acquire: Script,
+    extend: Script,
+    release: Script,
+}
+
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for RedisLeases {
+    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError> {
+        Ok(self
+            .acquire
+            .key(key)
+            .key(&self.fence_key)
+            .arg(token)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.connection.clone())
+            .await?)
+    }
+
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
+        let extended: i64 = self
+            .extend
+            .key(key)
+            .arg(token)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(extended == 1)
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError> {
+        let released: i64 = self
+            .release
+            .key(key)
+            .arg(token)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(released == 1)
+    }
+}
+
+/// Leases in this process's memory, for the embedded mode (one process: memory is the whole
+/// world). The fencing counter starts from the wall clock (milliseconds × 1024), so tokens keep
+/// growing across restarts and rows fenced before a restart do not refuse every later write.
+struct LocalLeases {
+    held: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+    fence: std::sync::atomic::AtomicU64,
+}
+
+impl LocalLeases {
+    fn new() -> Self {
+        let now_ms = u64::try_from(crate::time::now_ms()).unwrap_or(0);
+        LocalLeases {
+            held: std::sync::Mutex::default(),
+            fence: std::sync::atomic::AtomicU64::new(now_ms.saturating_mul(1024)),
+        }
+    }
+
+    fn with_held<T>(
+        &self,
+        f: impl FnOnce(&mut std::collections::HashMap<String, (String, std::time::Instant)>) -> T,
+    ) -> T {
+        // The map is consistent after every statement; a poisoned lock is still usable.
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        held.retain(|_, (_, until)| *until > now);
+        f(&mut held)
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for LocalLeases {
+    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError> {
+        Ok(self.with_held(|held| {
+            if held.contains_key(key) {
+                return None;
+            }
+            held.insert(key.to_owned(), (token.to_owned(), std::time::Instant::now() + ttl));
+            Some(
+                self.fence
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    .saturating_add(1),
+            )
+        }))
+    }
+
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
+        Ok(self.with_held(|held| match held.get_mut(key) {
+            Some((holder, until)) if holder == token => {
+                *until = std::time::Instant::now() + ttl;
+                true
+            }
+            _ => false,
+        }))
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError> {
+        Ok(self.with_held(|held| match held.get(key) {
+            Some((holder, _)) if holder == token => held.remove(key).is_some(),
+            _ => false,
+        }))
+    }
+}
+
+/// Grants leases, with renewal and fencing, over a [`LeaseStore`].
 #[derive(Clone)]
 pub struct LeaseManager {
-    connection: ConnectionManager,
-    fence_key: std::sync::Arc<str>,
-    acquire: std::sync::Arc<Script>,
-    extend: std::sync::Arc<Script>,
-    release: std::sync::Arc<Script>,
+    store: std::sync::Arc<dyn LeaseStore>,
 }
 
 impl std::fmt::Debug for LeaseManager {
@@ -101,14 +221,23 @@ impl LeaseManager {
         Self::with_fence_key(connection, "rp:lease:fence")
     }
 
-    /// Leases whose fencing tokens come from the counter at `fence_key`.
+    /// Leases in Redis whose fencing tokens come from the counter at `fence_key`.
     pub fn with_fence_key(connection: ConnectionManager, fence_key: &str) -> Self {
         LeaseManager {
-            connection,
-            fence_key: fence_key.into(),
-            acquire: std::sync::Arc::new(Script::new(ACQUIRE)),
-            extend: std::sync::Arc::new(Script::new(EXTEND)),
-            release: std::sync::Arc::new(Script::new(RELEASE)),
+            store: std::sync::Arc::new(RedisLeases {
+                connection,
+                fence_key: fence_key.to_owned(),
+                acquire: Script::new(ACQUIRE),
+                extend: Script::new(EXTEND),
+                release: Script::new(RELEASE),
+            }),
+        }
+    }
+
+    /// Leases in this process's memory (the embedded mode).
+    pub fn local() -> Self {
+        LeaseManager {
+            store: std::sync::Arc::new(LocalLeases::new()),
         }
     }
 
@@ -119,16 +248,7 @@ impl LeaseManager {
             return Err(LeaseError::TtlTooShort);
         }
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let fence: Option<u64> = self
-            .acquire
-            .key(key)
-            .key(&*self.fence_key)
-            .arg(&token)
-            .arg(ttl_ms)
-            .invoke_async(&mut self.connection.clone())
-            .await?;
-        let Some(fence) = fence else {
+        let Some(fence) = self.store.grant(key, &token, ttl).await? else {
             return Ok(None);
         };
         let lease = Lease {
@@ -172,26 +292,12 @@ impl LeaseManager {
 
     /// Extends `key` for `ttl` if `token` still holds it.
     pub async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let extended: i64 = self
-            .extend
-            .key(key)
-            .arg(token)
-            .arg(ttl_ms)
-            .invoke_async(&mut self.connection.clone())
-            .await?;
-        Ok(extended == 1)
+        self.store.extend(key, token, ttl).await
     }
 
     /// Releases `key` if `token` still holds it.
     pub async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError> {
-        let released: i64 = self
-            .release
-            .key(key)
-            .arg(token)
-            .invoke_async(&mut self.connection.clone())
-            .await?;
-        Ok(released == 1)
+        self.store.release(key, token).await
     }
 }
 

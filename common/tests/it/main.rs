@@ -1,6 +1,6 @@
-//! Lease locks against a real Redis.
+//! Lease-lock contract tests, run against both lease stores: Redis and the embedded mode's
+//! in-process one. The resources the holders write live in a real Redis either way.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -21,10 +21,8 @@ fn key(name: &str) -> String {
     format!("rpt:{}:{name}", uuid::Uuid::new_v4().simple())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_lock_excludes_concurrent_read_modify_writes() {
+async fn the_lock_excludes_concurrent_read_modify_writes(leases: LeaseManager) {
     let connection = redis().await;
-    let leases = LeaseManager::new(connection.clone());
     let lock = key("lock");
     let counter = key("counter");
     let tasks: Vec<_> = (0..16)
@@ -68,9 +66,7 @@ async fn the_lock_excludes_concurrent_read_modify_writes() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn a_holder_that_dies_frees_the_lock_after_the_ttl() {
-    let leases = LeaseManager::new(redis().await);
+async fn a_holder_that_dies_frees_the_lock_after_the_ttl(leases: LeaseManager) {
     let lock = key("dies");
     let ttl = Duration::from_millis(300);
     let first = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
@@ -89,9 +85,7 @@ async fn a_holder_that_dies_frees_the_lock_after_the_ttl() {
     second.release().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_working_holder_keeps_its_lease_through_renewal() {
-    let leases = LeaseManager::new(redis().await);
+async fn a_working_holder_keeps_its_lease_through_renewal(leases: LeaseManager) {
     let lock = key("renewed");
     let ttl = Duration::from_millis(300);
     let lease = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
@@ -104,10 +98,10 @@ async fn a_working_holder_keeps_its_lease_through_renewal() {
     assert!(lease.release().await.unwrap());
 }
 
-#[tokio::test]
-async fn a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected() {
+async fn a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected(
+    leases: LeaseManager,
+) {
     let mut connection = redis().await;
-    let leases = LeaseManager::new(connection.clone());
     let lock = key("stale");
     let resource = key("resource");
     let ttl = Duration::from_millis(300);
@@ -149,25 +143,20 @@ async fn a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected()
     assert!(fresh.release().await.unwrap());
 }
 
-#[tokio::test]
-async fn a_lost_lease_cancels_its_token_at_once() {
-    let mut connection = redis().await;
-    let leases = LeaseManager::new(connection.clone());
+async fn a_lost_lease_cancels_its_token_at_once(leases: LeaseManager) {
     let lock = key("lost");
     let ttl = Duration::from_millis(300);
     let lease = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
     let lost = lease.lost();
-    // Someone deletes the key behind the holder's back: the next renewal notices.
-    let _: () = connection.del(&lock).await.unwrap();
+    // The lease disappears behind the holder's back: the next renewal notices.
+    assert!(leases.release(&lock, lease.token()).await.unwrap());
     tokio::time::timeout(ttl, lost.cancelled())
         .await
         .expect("the holder is told within one renewal period");
     assert!(lease.is_lost());
 }
 
-#[tokio::test]
-async fn extend_and_release_by_a_non_owner_are_refused() {
-    let leases = Arc::new(LeaseManager::new(redis().await));
+async fn extend_and_release_by_a_non_owner_are_refused(leases: LeaseManager) {
     let lock = key("owned");
     let ttl = Duration::from_secs(2);
     let lease = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
@@ -176,3 +165,46 @@ async fn extend_and_release_by_a_non_owner_are_refused() {
     assert!(leases.try_acquire(&lock, ttl).await.unwrap().is_none());
     assert!(lease.release().await.unwrap());
 }
+
+/// Runs every contract test against one lease store.
+macro_rules! contract {
+    ($store:ident, $make:expr) => {
+        mod $store {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_lock_excludes_concurrent_read_modify_writes() {
+                super::the_lock_excludes_concurrent_read_modify_writes($make).await;
+            }
+
+            #[tokio::test]
+            async fn a_holder_that_dies_frees_the_lock_after_the_ttl() {
+                super::a_holder_that_dies_frees_the_lock_after_the_ttl($make).await;
+            }
+
+            #[tokio::test]
+            async fn a_working_holder_keeps_its_lease_through_renewal() {
+                super::a_working_holder_keeps_its_lease_through_renewal($make).await;
+            }
+
+            #[tokio::test]
+            async fn a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected() {
+                super::a_holder_that_stops_renewing_is_told_and_its_fenced_write_is_rejected($make)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn a_lost_lease_cancels_its_token_at_once() {
+                super::a_lost_lease_cancels_its_token_at_once($make).await;
+            }
+
+            #[tokio::test]
+            async fn extend_and_release_by_a_non_owner_are_refused() {
+                super::extend_and_release_by_a_non_owner_are_refused($make).await;
+            }
+        }
+    };
+}
+
+contract!(in_redis, LeaseManager::new(redis().await));
+contract!(in_process, LeaseManager::local());
