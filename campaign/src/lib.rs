@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod entity;
+pub mod local_pool;
 pub mod pool;
 pub mod service;
 pub mod split;
@@ -27,6 +28,7 @@ use redpacket_common::{ConfigError, ConfigSource, Secret};
 use sea_orm::DatabaseConnection;
 
 pub use api::CampaignApi;
+pub use local_pool::LocalPool;
 pub use pool::{PacketPool, RedisPool};
 pub use service::CampaignService;
 pub use store::Store;

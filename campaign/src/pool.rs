@@ -96,6 +96,8 @@ pub enum PoolError {
     Redis(#[from] redis::RedisError),
     #[error("the pool answered something unexpected: {0}")]
     Protocol(String),
+    #[error("local pool: {0}")]
+    Local(String),
 }
 
 /// Where live packets are kept and grabbed. The campaign service does not know which

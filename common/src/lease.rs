@@ -72,7 +72,8 @@ pub enum LeaseError {
 #[async_trait::async_trait]
 pub trait LeaseStore: Send + Sync {
     /// Grants the lease and answers its fencing token, or `None` when it is held.
-    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError>;
+    async fn grant(&self, key: &str, token: &str, ttl: Duration)
+    -> Result<Option<u64>, LeaseError>;
     /// Extends the lease if `token` holds it.
     async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError>;
     /// Releases the lease if `token` holds it.
@@ -94,7 +95,12 @@ fn millis(ttl: Duration) -> u64 {
 
 #[async_trait::async_trait]
 impl LeaseStore for RedisLeases {
-    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError> {
+    async fn grant(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, LeaseError> {
         Ok(self
             .acquire
             .key(key)
@@ -158,12 +164,20 @@ impl LocalLeases {
 
 #[async_trait::async_trait]
 impl LeaseStore for LocalLeases {
-    async fn grant(&self, key: &str, token: &str, ttl: Duration) -> Result<Option<u64>, LeaseError> {
+    async fn grant(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, LeaseError> {
         Ok(self.with_held(|held| {
             if held.contains_key(key) {
                 return None;
             }
-            held.insert(key.to_owned(), (token.to_owned(), std::time::Instant::now() + ttl));
+            held.insert(
+                key.to_owned(),
+                (token.to_owned(), std::time::Instant::now() + ttl),
+            );
             Some(
                 self.fence
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst)

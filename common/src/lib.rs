@@ -8,6 +8,7 @@ pub mod db;
 pub mod http;
 pub mod ids;
 pub mod lease;
+pub mod local_queue;
 pub mod messages;
 pub mod money;
 pub mod problem;

@@ -7,7 +7,7 @@ use redpacket_common::Problem;
 use redpacket_common::messages::Envelope;
 use redpacket_common::time::rfc3339;
 
-use crate::broker::Broker;
+use crate::bus::Bus;
 use crate::entity::{dead_letter, saga};
 use crate::store::SagaStore;
 
@@ -111,7 +111,7 @@ pub struct DeadLetterList {
 #[derive(Debug, Clone)]
 pub struct SagaApi {
     pub store: SagaStore,
-    pub broker: Broker,
+    pub broker: std::sync::Arc<dyn Bus>,
 }
 
 fn limit_of(limit: Option<u64>) -> Result<u64, Problem> {

@@ -39,6 +39,8 @@ pub enum BrokerError {
     Nacked,
     #[error("the broker did not answer within {BROKER_TIMEOUT:?}")]
     Timeout,
+    #[error("local bus: {0}")]
+    Local(String),
 }
 
 /// Names of one deployment's exchange and queues.
@@ -313,4 +315,115 @@ async fn declare(channel: &Channel, topology: &Topology) -> Result<(), BrokerErr
             .await?;
     }
     Ok(())
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Bus for Broker {
+    async fn publish_all(
+        &self,
+        routing_key: &str,
+        messages: &[(String, Vec<u8>)],
+    ) -> Result<(), BrokerError> {
+        Broker::publish_all(self, routing_key, messages).await
+    }
+
+    /// Consumes the work queue, reconnecting when the broker goes away. Deliveries are handled
+    /// concurrently (the prefetch bounds how many); each is acknowledged on its own once
+    /// settled, or given back to the broker.
+    async fn consume(
+        &self,
+        prefetch: u16,
+        handler: crate::bus::Handler,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt;
+        use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
+
+        while !shutdown.is_cancelled() {
+            let channel = match self.consumer_channel(prefetch).await {
+                Ok(channel) => channel,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot open a consumer channel");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = self.reconnect() => continue,
+                    }
+                }
+            };
+            let tag = format!("worker-{}", uuid::Uuid::new_v4().simple());
+            let mut consumer = match channel
+                .basic_consume(
+                    &self.topology.work,
+                    &tag,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot consume");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let in_flight = tokio_util::task::TaskTracker::new();
+            let mut health = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                let delivery = tokio::select! {
+                    () = shutdown.cancelled() => None,
+                    next = consumer.next() => next,
+                    // A consumer whose connection died does not always end its stream: look.
+                    _ = health.tick() => {
+                        if channel.status().connected() {
+                            continue;
+                        }
+                        tracing::warn!("consumer channel closed; reconnecting");
+                        None
+                    }
+                };
+                let Some(delivery) = delivery else { break };
+                let delivery = match delivery {
+                    Ok(delivery) => delivery,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "consumer failed; reconnecting");
+                        break;
+                    }
+                };
+                let handler = handler.clone();
+                in_flight.spawn(async move {
+                    if handler(delivery.data.clone()).await {
+                        let acked = tokio::time::timeout(
+                            BROKER_TIMEOUT,
+                            delivery.ack(BasicAckOptions::default()),
+                        )
+                        .await;
+                        if !matches!(acked, Ok(Ok(_))) {
+                            tracing::warn!("ack failed; the message will come again");
+                        }
+                    } else {
+                        let _ = tokio::time::timeout(
+                            BROKER_TIMEOUT,
+                            delivery.nack(BasicNackOptions {
+                                requeue: true,
+                                ..BasicNackOptions::default()
+                            }),
+                        )
+                        .await;
+                    }
+                });
+            }
+            in_flight.close();
+            in_flight.wait().await;
+            let _ =
+                tokio::time::timeout(BROKER_TIMEOUT, channel.close(200, "consumer stopping")).await;
+            if !shutdown.is_cancelled() {
+                self.reconnect().await;
+            }
+        }
+    }
+
+    async fn reconnect(&self) {
+        Broker::reconnect(self).await;
+    }
 }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod batcher;
 pub mod broker;
+pub mod bus;
 pub mod clients;
 pub mod engine;
 pub mod entity;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batcher::CreditBatcher;
 use crate::broker::Broker;
+use crate::bus::Bus;
 use crate::clients::{CampaignClient, WalletClient};
 use crate::engine::Engine;
 use crate::store::SagaStore;
@@ -125,7 +127,7 @@ pub struct TestSwitches {
 
 struct Ready {
     store: SagaStore,
-    redis: redis::aio::ConnectionManager,
+    redis: Option<redis::aio::ConnectionManager>,
 }
 
 impl Readiness for Ready {
@@ -136,23 +138,42 @@ impl Readiness for Ready {
                 .ping()
                 .await
                 .map_err(|err| format!("database: {err}"))?;
-            let _: String = redis::cmd("PING")
-                .query_async(&mut self.redis.clone())
-                .await
-                .map_err(|err| format!("redis: {err}"))?;
+            if let Some(redis) = &self.redis {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut redis.clone())
+                    .await
+                    .map_err(|err| format!("redis: {err}"))?;
+            }
             Ok(())
         })
     }
+}
+
+/// What an embedded saga worker needs: its database, the local bus, the other services.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// The saga worker's own (SQLite) database, migrated.
+    pub db: sea_orm::DatabaseConnection,
+    /// The durable local queue (in the campaign database, where the grab appends its hand-off).
+    pub bus: bus::LocalBus,
+    pub campaign_url: String,
+    pub wallet_url: String,
+    pub worker_id: u32,
+    pub listen: SocketAddr,
 }
 
 /// A built saga worker.
 pub struct Application {
     listener: BoundListener,
     engine: Engine,
-    broker: Broker,
-    redis: redis::aio::ConnectionManager,
+    bus: Arc<dyn Bus>,
+    broker: Option<Broker>,
+    /// The hand-off streams live in Redis in the distributed system; the embedded grab
+    /// publishes to the local bus itself.
+    redis: Option<redis::aio::ConnectionManager>,
     ids: Arc<SnowflakeGenerator>,
-    config: SagaConfig,
+    prefix: String,
+    prefetch: u16,
     switches: TestSwitches,
     pub stats: Arc<WorkerStats>,
 }
@@ -163,6 +184,31 @@ impl std::fmt::Debug for Application {
             .field("listener", &self.listener)
             .finish_non_exhaustive()
     }
+}
+
+fn engine(
+    db: sea_orm::DatabaseConnection,
+    campaign_url: &str,
+    wallet_url: &str,
+    leases: LeaseManager,
+    lease_prefix: &str,
+    credit_batch: usize,
+    credit_linger: Duration,
+    lease_ttl: Duration,
+) -> anyhow::Result<Engine> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let wallet = WalletClient::new(http.clone(), wallet_url);
+    Ok(Engine {
+        store: SagaStore::new(db),
+        campaign: CampaignClient::new(http, campaign_url),
+        batcher: CreditBatcher::start(wallet.clone(), credit_batch, credit_linger),
+        wallet,
+        leases,
+        lease_prefix: lease_prefix.to_owned(),
+        lease_ttl,
+    })
 }
 
 impl Application {
@@ -183,35 +229,58 @@ impl Application {
         )
         .await
         .map_err(|err| anyhow::anyhow!("cannot connect to RP_AMQP_URL: {err}"))?;
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()?;
-        let wallet = WalletClient::new(http.clone(), &config.wallet_url);
-        let engine = Engine {
-            store: SagaStore::new(db),
-            campaign: CampaignClient::new(http, &config.campaign_url),
-            batcher: CreditBatcher::start(
-                wallet.clone(),
-                config.credit_batch,
-                config.credit_linger,
-            ),
-            wallet,
-            leases: LeaseManager::with_fence_key(
-                redis.clone(),
-                &format!("{}:lease:fence", config.redis_prefix),
-            ),
-            lease_prefix: config.redis_prefix.clone(),
-            lease_ttl: config.lease_ttl,
-        };
+        let leases = LeaseManager::with_fence_key(
+            redis.clone(),
+            &format!("{}:lease:fence", config.redis_prefix),
+        );
+        let engine = engine(
+            db,
+            &config.campaign_url,
+            &config.wallet_url,
+            leases,
+            &config.redis_prefix,
+            config.credit_batch,
+            config.credit_linger,
+            config.lease_ttl,
+        )?;
         let listener = BoundListener::bind(config.listen).await?;
         Ok(Application {
             listener,
             engine,
-            broker,
-            redis,
+            bus: Arc::new(broker.clone()),
+            broker: Some(broker),
+            redis: Some(redis),
             ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
-            config,
+            prefix: config.redis_prefix,
+            prefetch: config.prefetch,
             switches,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The embedded saga worker: the local bus, in-process leases, no Redis, no RabbitMQ.
+    pub async fn embedded(config: EmbeddedConfig) -> anyhow::Result<Self> {
+        let engine = engine(
+            config.db,
+            &config.campaign_url,
+            &config.wallet_url,
+            LeaseManager::local(),
+            "local",
+            500,
+            Duration::from_millis(5),
+            Duration::from_secs(10),
+        )?;
+        let listener = BoundListener::bind(config.listen).await?;
+        Ok(Application {
+            listener,
+            engine,
+            bus: Arc::new(config.bus),
+            broker: None,
+            redis: None,
+            ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
+            prefix: "local".to_owned(),
+            prefetch: 64,
+            switches: TestSwitches::default(),
             stats: Arc::default(),
         })
     }
@@ -220,8 +289,13 @@ impl Application {
         self.listener.local_addr().port()
     }
 
-    pub fn broker(&self) -> &Broker {
-        &self.broker
+    /// The RabbitMQ connection, in the distributed system.
+    pub fn broker(&self) -> Option<&Broker> {
+        self.broker.as_ref()
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     pub fn engine(&self) -> &Engine {
@@ -235,35 +309,37 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let prefix = self.config.redis_prefix.clone();
+        let prefix = self.prefix.clone();
         let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(relay::relay_handoff(
-            self.redis.clone(),
-            self.engine.leases.clone(),
-            self.broker.clone(),
-            format!("{prefix}:handoff:streams"),
-            prefix.clone(),
-            self.switches.duplicate_every_message,
-            stop.clone(),
-        ));
+        if let Some(redis) = &self.redis {
+            tasks.spawn(relay::relay_handoff(
+                redis.clone(),
+                self.engine.leases.clone(),
+                self.bus.clone(),
+                format!("{prefix}:handoff:streams"),
+                prefix.clone(),
+                self.switches.duplicate_every_message,
+                stop.clone(),
+            ));
+        }
         tasks.spawn(relay::relay_outbox(
             self.engine.campaign.clone(),
             self.engine.leases.clone(),
-            self.broker.clone(),
+            self.bus.clone(),
             format!("{prefix}:relay:outbox"),
             stop.clone(),
         ));
         tasks.spawn(worker::consume(
             self.engine.clone(),
-            self.broker.clone(),
+            self.bus.clone(),
             self.ids.clone(),
             self.stats.clone(),
-            self.config.prefetch,
+            self.prefetch,
             stop.clone(),
         ));
         tasks.spawn(sweeper::run(
             self.engine.store.clone(),
-            self.broker.clone(),
+            self.bus.clone(),
             self.engine.leases.clone(),
             format!("{prefix}:saga:sweeper"),
             Duration::from_secs(5),
@@ -277,7 +353,7 @@ impl Application {
         let api = OpenApiService::new(
             api::SagaApi {
                 store: self.engine.store.clone(),
-                broker: self.broker.clone(),
+                broker: self.bus.clone(),
             },
             "Red-packet saga worker (internal)",
             env!("CARGO_PKG_VERSION"),

@@ -17,7 +17,7 @@ use redpacket_common::lease::{Lease, LeaseManager};
 use redpacket_common::messages::{Envelope, SagaEvent};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::bus::Bus;
 use crate::clients::CampaignClient;
 
 /// The consumer group of the relays on every hand-off stream.
@@ -58,7 +58,7 @@ fn envelope_of(fields: &HashMap<String, Value>) -> Option<Envelope> {
 pub async fn relay_handoff(
     redis: ConnectionManager,
     leases: LeaseManager,
-    broker: Broker,
+    broker: std::sync::Arc<dyn Bus>,
     registry_key: String,
     lease_prefix: String,
     duplicate_every_message: bool,
@@ -116,7 +116,7 @@ pub async fn relay_handoff(
         let streams: Vec<String> = held.keys().cloned().collect();
         if let Err(err) = relay_round(
             &redis,
-            &broker,
+            &*broker,
             &streams,
             &consumer,
             duplicate_every_message,
@@ -137,7 +137,7 @@ pub async fn relay_handoff(
 
 async fn relay_round(
     redis: &ConnectionManager,
-    broker: &Broker,
+    broker: &dyn Bus,
     streams: &[String],
     consumer: &str,
     duplicate_every_message: bool,
@@ -251,7 +251,7 @@ async fn relay_round(
 pub async fn relay_outbox(
     campaign: CampaignClient,
     leases: LeaseManager,
-    broker: Broker,
+    broker: std::sync::Arc<dyn Bus>,
     lease_key: String,
     shutdown: CancellationToken,
 ) {
@@ -267,7 +267,7 @@ pub async fn relay_outbox(
         };
         let lost = lease.lost();
         while !shutdown.is_cancelled() && !lost.is_cancelled() {
-            let published = match outbox_round(&campaign, &broker).await {
+            let published = match outbox_round(&campaign, &*broker).await {
                 Ok(count) => count,
                 Err(err) => {
                     tracing::warn!(error = %err, "outbox relay round failed");
@@ -286,7 +286,7 @@ pub async fn relay_outbox(
     }
 }
 
-async fn outbox_round(campaign: &CampaignClient, broker: &Broker) -> anyhow::Result<usize> {
+async fn outbox_round(campaign: &CampaignClient, broker: &dyn Bus) -> anyhow::Result<usize> {
     let page = campaign.outbox(200).await?;
     let events = page["events"].as_array().cloned().unwrap_or_default();
     if events.is_empty() {

@@ -7,7 +7,7 @@ use redpacket_common::lease::LeaseManager;
 use redpacket_common::messages::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::bus::Bus;
 use crate::store::SagaStore;
 
 /// A running saga not updated for this long is re-driven.
@@ -20,7 +20,7 @@ const PER_PASS: u64 = 500;
 /// One pass: re-publishes stalled sagas' messages; returns how many.
 pub async fn sweep_once(
     store: &SagaStore,
-    broker: &Broker,
+    broker: &dyn Bus,
     stall_after: Duration,
 ) -> anyhow::Result<usize> {
     let now = chrono::Utc::now().timestamp_millis();
@@ -58,7 +58,7 @@ pub async fn sweep_once(
 /// Sweeps every `period` while holding the sweeper lease.
 pub async fn run(
     store: SagaStore,
-    broker: Broker,
+    broker: std::sync::Arc<dyn Bus>,
     leases: LeaseManager,
     lease_key: String,
     period: Duration,
@@ -75,7 +75,7 @@ pub async fn run(
         };
         let lost = lease.lost();
         while !shutdown.is_cancelled() && !lost.is_cancelled() {
-            if let Err(err) = sweep_once(&store, &broker, stall_after).await {
+            if let Err(err) = sweep_once(&store, &*broker, stall_after).await {
                 tracing::warn!(error = %err, "sweep failed");
             }
             tokio::select! {

@@ -4,14 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
-use lapin::types::FieldTable;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::messages::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BROKER_TIMEOUT, Broker, RETRY_LEVELS};
+use crate::broker::RETRY_LEVELS;
+use crate::bus::{Bus, Handler};
 use crate::engine::{Engine, Outcome};
 
 /// Counters of what the consumer did (exposed as metrics).
@@ -26,7 +24,7 @@ pub struct WorkerStats {
 /// may be acknowledged.
 pub async fn settle(
     engine: &Engine,
-    broker: &Broker,
+    broker: &dyn Bus,
     ids: &SnowflakeGenerator,
     stats: &WorkerStats,
     envelope: Option<&Envelope>,
@@ -75,103 +73,52 @@ pub async fn settle(
     Ok(())
 }
 
-/// Consumes the work queue until `shutdown`, reconnecting when the broker goes away.
+/// Consumes the work queue until `shutdown`: each message drives its saga, then is settled
+/// (done, sent to a retry level, or dead-lettered) before the bus may forget it.
 pub async fn consume(
     engine: Engine,
-    broker: Broker,
+    bus: Arc<dyn Bus>,
     ids: Arc<SnowflakeGenerator>,
     stats: Arc<WorkerStats>,
     prefetch: u16,
     shutdown: CancellationToken,
 ) {
-    while !shutdown.is_cancelled() {
-        let channel = match broker.consumer_channel(prefetch).await {
-            Ok(channel) => channel,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot open a consumer channel");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = broker.reconnect() => continue,
+    let publisher = bus.clone();
+    let handler: Handler = Arc::new(move |data: Vec<u8>| {
+        let (engine, bus, ids, stats) = (
+            engine.clone(),
+            publisher.clone(),
+            ids.clone(),
+            stats.clone(),
+        );
+        Box::pin(async move {
+            let parsed = Envelope::from_bytes(&data);
+            let outcome = match &parsed {
+                Ok(envelope) => {
+                    let span = tracing::info_span!("saga", saga = %envelope.event.saga_id(), request_id = envelope.request_id.as_deref().unwrap_or(""));
+                    tracing::Instrument::instrument(engine.handle(envelope), span).await
                 }
-            }
-        };
-        let tag = format!("worker-{}", uuid::Uuid::new_v4().simple());
-        let mut consumer = match channel
-            .basic_consume(
-                &broker.topology().work,
-                &tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
+                Err(reason) => Outcome::Dead(format!("unreadable message: {reason}")),
+            };
+            match settle(
+                &engine,
+                &*bus,
+                &ids,
+                &stats,
+                parsed.as_ref().ok(),
+                &data,
+                outcome,
             )
             .await
-        {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot consume");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        // Deliveries are handled concurrently (the prefetch bounds how many); each is
-        // acknowledged on its own once settled.
-        let in_flight = tokio_util::task::TaskTracker::new();
-        let mut health = tokio::time::interval(std::time::Duration::from_millis(500));
-        loop {
-            let delivery = tokio::select! {
-                () = shutdown.cancelled() => None,
-                next = consumer.next() => next,
-                // A consumer whose connection died does not always end its stream: look.
-                _ = health.tick() => {
-                    if channel.status().connected() {
-                        continue;
-                    }
-                    tracing::warn!("consumer channel closed; reconnecting");
-                    None
-                }
-            };
-            let Some(delivery) = delivery else { break };
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
+            {
+                Ok(()) => true,
                 Err(err) => {
-                    tracing::warn!(error = %err, "consumer failed; reconnecting");
-                    break;
+                    // Not settled: the bus delivers it again.
+                    tracing::warn!(error = %err, "could not settle a message; requeueing");
+                    false
                 }
-            };
-            let (engine, broker, ids, stats) =
-                (engine.clone(), broker.clone(), ids.clone(), stats.clone());
-            in_flight.spawn(async move {
-                let parsed = Envelope::from_bytes(&delivery.data);
-                let outcome = match &parsed {
-                    Ok(envelope) => {
-                        let span = tracing::info_span!("saga", saga = %envelope.event.saga_id(), request_id = envelope.request_id.as_deref().unwrap_or(""));
-                        tracing::Instrument::instrument(engine.handle(envelope), span).await
-                    }
-                    Err(reason) => Outcome::Dead(format!("unreadable message: {reason}")),
-                };
-                match settle(&engine, &broker, &ids, &stats, parsed.as_ref().ok(), &delivery.data, outcome).await {
-                    Ok(()) => {
-                        let acked = tokio::time::timeout(BROKER_TIMEOUT, delivery.ack(BasicAckOptions::default())).await;
-                        if !matches!(acked, Ok(Ok(_))) {
-                            tracing::warn!("ack failed; the message will come again");
-                        }
-                    }
-                    Err(err) => {
-                        // Not settled: give it back to the broker for another try.
-                        tracing::warn!(error = %err, "could not settle a message; requeueing");
-                        let _ = tokio::time::timeout(
-                            BROKER_TIMEOUT,
-                            delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }),
-                        )
-                        .await;
-                    }
-                }
-            });
-        }
-        in_flight.close();
-        in_flight.wait().await;
-        let _ = tokio::time::timeout(BROKER_TIMEOUT, channel.close(200, "consumer stopping")).await;
-        if !shutdown.is_cancelled() {
-            broker.reconnect().await;
-        }
-    }
+            }
+        })
+    });
+    bus.consume(prefetch, handler, shutdown).await;
 }

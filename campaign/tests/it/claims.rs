@@ -1,10 +1,9 @@
 use std::sync::Arc;
 
-use redpacket_common::testing::Backend;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, campaign_body, rfc3339_in, spawn_app};
-use redpacket_common::on_every_backend;
+use crate::helpers::{Setup, assert_problem, campaign_body, rfc3339_in, spawn_app};
+use crate::on_every_pool;
 
 fn record_body(id: &str, grab: &Value, user: &str, seq: u32) -> Value {
     json!({
@@ -18,8 +17,8 @@ fn record_body(id: &str, grab: &Value, user: &str, seq: u32) -> Value {
     })
 }
 
-async fn claims_move_from_pending_to_credited_or_compensated(backend: Backend) {
-    let app = Arc::new(spawn_app(backend).await);
+async fn claims_move_from_pending_to_credited_or_compensated(setup: Setup) {
+    let app = Arc::new(spawn_app(setup).await);
     let id = app.create(&campaign_body(1_000, 10, 1)).await;
     app.fund_and_open(&id).await;
 
@@ -171,10 +170,10 @@ async fn claims_move_from_pending_to_credited_or_compensated(backend: Backend) {
     .await;
     Arc::into_inner(app).unwrap().stop().await;
 }
-on_every_backend!(claims_move_from_pending_to_credited_or_compensated);
+on_every_pool!(claims_move_from_pending_to_credited_or_compensated);
 
-async fn after_the_end_stats_equal_the_database_and_settle(backend: Backend) {
-    let app = spawn_app(backend).await;
+async fn after_the_end_stats_equal_the_database_and_settle(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut body = campaign_body(5_000, 50, 1);
     body["ends_at"] = json!(rfc3339_in(2_000));
     let id = app.create(&body).await;
@@ -266,4 +265,4 @@ async fn after_the_end_stats_equal_the_database_and_settle(backend: Backend) {
     );
     app.stop().await;
 }
-on_every_backend!(after_the_end_stats_equal_the_database_and_settle);
+on_every_pool!(after_the_end_stats_equal_the_database_and_settle);

@@ -1,10 +1,9 @@
 use redpacket_campaign::entity::packet;
-use redpacket_common::testing::Backend;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app};
-use redpacket_common::on_every_backend;
+use crate::helpers::{Setup, TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app};
+use crate::on_every_pool;
 
 async fn packets_of(app: &TestApp, id: &str) -> Vec<i64> {
     packet::Entity::find()
@@ -18,8 +17,8 @@ async fn packets_of(app: &TestApp, id: &str) -> Vec<i64> {
         .collect()
 }
 
-async fn a_created_campaign_waits_for_funding_with_its_split_stored(backend: Backend) {
-    let app = spawn_app(backend).await;
+async fn a_created_campaign_waits_for_funding_with_its_split_stored(setup: Setup) {
+    let app = spawn_app(setup).await;
     let body = campaign_body(10_000, 100, 2);
     let response = app.post("/campaigns", &body).await;
     assert_eq!(response.status(), 201);
@@ -79,10 +78,10 @@ async fn a_created_campaign_waits_for_funding_with_its_split_stored(backend: Bac
     );
     app.stop().await;
 }
-on_every_backend!(a_created_campaign_waits_for_funding_with_its_split_stored);
+on_every_pool!(a_created_campaign_waits_for_funding_with_its_split_stored);
 
-async fn a_retried_create_answers_the_same_campaign(backend: Backend) {
-    let app = spawn_app(backend).await;
+async fn a_retried_create_answers_the_same_campaign(setup: Setup) {
+    let app = spawn_app(setup).await;
     let body = campaign_body(10_000, 100, 1);
     let send = |body: Value| {
         let client = app.client.clone();
@@ -116,10 +115,10 @@ async fn a_retried_create_answers_the_same_campaign(backend: Backend) {
     assert_eq!(list["campaigns"].as_array().unwrap().len(), 1);
     app.stop().await;
 }
-on_every_backend!(a_retried_create_answers_the_same_campaign);
+on_every_pool!(a_retried_create_answers_the_same_campaign);
 
-async fn every_bad_create_is_a_problem_and_creates_nothing(backend: Backend) {
-    let app = spawn_app(backend).await;
+async fn every_bad_create_is_a_problem_and_creates_nothing(setup: Setup) {
+    let app = spawn_app(setup).await;
     let base = campaign_body(10_000, 100, 1);
     let with = |path: &str, value: Value| {
         let mut body = base.clone();
@@ -277,4 +276,4 @@ async fn every_bad_create_is_a_problem_and_creates_nothing(backend: Backend) {
     );
     app.stop().await;
 }
-on_every_backend!(every_bad_create_is_a_problem_and_creates_nothing);
+on_every_pool!(every_bad_create_is_a_problem_and_creates_nothing);

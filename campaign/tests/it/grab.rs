@@ -2,13 +2,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use redpacket_common::testing::Backend;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app, spawn_app_with_buckets,
+    Setup, TestApp, assert_problem, campaign_body, rfc3339_in, spawn_app, spawn_app_with_buckets,
 };
-use redpacket_common::on_every_backend;
+use crate::on_every_pool;
 
 /// Runs `grabs` (campaign, user) in parallel with `in_flight` at once; returns (user, status,
 /// body) of each.
@@ -33,8 +32,8 @@ async fn race(
         .await
 }
 
-async fn distinct_users_racing_get_exactly_the_packets(backend: Backend) {
-    let app = Arc::new(spawn_app_with_buckets(backend, 4).await);
+async fn distinct_users_racing_get_exactly_the_packets(setup: Setup) {
+    let app = Arc::new(spawn_app_with_buckets(setup, 4).await);
     let (packets, total) = (300_i64, 100_000_i64);
     let id = app.create(&campaign_body(total, packets, 1)).await;
     app.fund_and_open(&id).await;
@@ -88,10 +87,10 @@ async fn distinct_users_racing_get_exactly_the_packets(backend: Backend) {
     assert_eq!(stats["amount_grabbed"], total);
     Arc::into_inner(app).unwrap().stop().await;
 }
-on_every_backend!(distinct_users_racing_get_exactly_the_packets);
+on_every_pool!(distinct_users_racing_get_exactly_the_packets);
 
-async fn users_under_a_limit_get_exactly_their_limit(backend: Backend) {
-    let app = Arc::new(spawn_app_with_buckets(backend, 8).await);
+async fn users_under_a_limit_get_exactly_their_limit(setup: Setup) {
+    let app = Arc::new(spawn_app_with_buckets(setup, 8).await);
     let id = app.create(&campaign_body(1_000_000, 1_000, 3)).await;
     app.fund_and_open(&id).await;
     // 40 users try 5 times each, all interleaved.
@@ -118,10 +117,10 @@ async fn users_under_a_limit_get_exactly_their_limit(backend: Backend) {
     );
     Arc::into_inner(app).unwrap().stop().await;
 }
-on_every_backend!(users_under_a_limit_get_exactly_their_limit);
+on_every_pool!(users_under_a_limit_get_exactly_their_limit);
 
-async fn one_user_racing_against_itself_gets_exactly_the_limit(backend: Backend) {
-    let app = Arc::new(spawn_app(backend).await);
+async fn one_user_racing_against_itself_gets_exactly_the_limit(setup: Setup) {
+    let app = Arc::new(spawn_app(setup).await);
     let id = app.create(&campaign_body(10_000, 100, 2)).await;
     app.fund_and_open(&id).await;
     let results = race(&app, &id, vec!["greedy".to_owned(); 60], 60).await;
@@ -148,11 +147,11 @@ async fn one_user_racing_against_itself_gets_exactly_the_limit(backend: Backend)
     }
     Arc::into_inner(app).unwrap().stop().await;
 }
-on_every_backend!(one_user_racing_against_itself_gets_exactly_the_limit);
+on_every_pool!(one_user_racing_against_itself_gets_exactly_the_limit);
 
 /// When a user's home bucket runs dry, the grab takes from the other buckets.
-async fn an_empty_home_bucket_moves_on_to_the_others(backend: Backend) {
-    let app = Arc::new(spawn_app_with_buckets(backend, 8).await);
+async fn an_empty_home_bucket_moves_on_to_the_others(setup: Setup) {
+    let app = Arc::new(spawn_app_with_buckets(setup, 8).await);
     let id = app.create(&campaign_body(800, 8, 8)).await;
     app.fund_and_open(&id).await;
     // One user takes all 8 packets: one from each bucket, whatever its home.
@@ -164,10 +163,10 @@ async fn an_empty_home_bucket_moves_on_to_the_others(backend: Backend) {
     assert_problem(app.grab(&id, "other").await, 410, "sold_out", None).await;
     Arc::into_inner(app).unwrap().stop().await;
 }
-on_every_backend!(an_empty_home_bucket_moves_on_to_the_others);
+on_every_pool!(an_empty_home_bucket_moves_on_to_the_others);
 
-async fn grabs_outside_the_window_or_state_are_refused(backend: Backend) {
-    let app = spawn_app(backend).await;
+async fn grabs_outside_the_window_or_state_are_refused(setup: Setup) {
+    let app = spawn_app(setup).await;
     // Unknown campaigns.
     assert_problem(
         app.grab("123456", "u").await,
@@ -283,4 +282,4 @@ async fn grabs_outside_the_window_or_state_are_refused(backend: Backend) {
     .await;
     app.stop().await;
 }
-on_every_backend!(grabs_outside_the_window_or_state_are_refused);
+on_every_pool!(grabs_outside_the_window_or_state_are_refused);

@@ -2,19 +2,86 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redpacket_campaign::{Application, CampaignService, RedisPool, Store};
+use redpacket_campaign::{Application, CampaignService, LocalPool, PacketPool, RedisPool, Store};
 use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::messages::{Envelope, SagaEvent};
 use redpacket_common::testing::{Backend, TestDatabase};
 pub use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+/// Which packet pool a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The distributed system's: Redis.
+    Redis,
+    /// The embedded mode's: tables in the campaign's SQLite database.
+    Local,
+}
+
+/// A test's database backend and packet pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    pub backend: Backend,
+    pub pool: PoolKind,
+}
+
+/// Runs a scenario on every database with the Redis pool, and on SQLite with the local pool:
+/// the pool's contract tests for both implementations.
+#[macro_export]
+macro_rules! on_every_pool {
+    ($scenario:ident) => {
+        mod $scenario {
+            use redpacket_common::testing::Backend;
+
+            use $crate::helpers::{PoolKind, Setup};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                super::$scenario(Setup {
+                    backend: Backend::Postgres,
+                    pool: PoolKind::Redis,
+                })
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_mariadb() {
+                super::$scenario(Setup {
+                    backend: Backend::MySql,
+                    pool: PoolKind::Redis,
+                })
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                super::$scenario(Setup {
+                    backend: Backend::Sqlite,
+                    pool: PoolKind::Redis,
+                })
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite_with_the_local_pool() {
+                super::$scenario(Setup {
+                    backend: Backend::Sqlite,
+                    pool: PoolKind::Local,
+                })
+                .await;
+            }
+        }
+    };
+}
+
 /// A campaign service on port 0 over a fresh database and its own Redis key prefix.
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub service: CampaignService,
+    pub setup: Setup,
     pub pool: RedisPool,
     pub prefix: String,
     database: TestDatabase,
@@ -26,13 +93,13 @@ pub fn redis_url() -> String {
     std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-pub async fn spawn_app(backend: Backend) -> TestApp {
-    spawn_app_with_buckets(backend, 4).await
+pub async fn spawn_app(setup: Setup) -> TestApp {
+    spawn_app_with_buckets(setup, 4).await
 }
 
-pub async fn spawn_app_with_buckets(backend: Backend, buckets: u32) -> TestApp {
+pub async fn spawn_app_with_buckets(setup: Setup, buckets: u32) -> TestApp {
     redpacket_common::telemetry::install_crypto_provider();
-    let database = TestDatabase::create(backend).await;
+    let database = TestDatabase::create(setup.backend).await;
     let db = redpacket_common::db::connect(&database.url, 8)
         .await
         .unwrap();
@@ -42,9 +109,13 @@ pub async fn spawn_app_with_buckets(backend: Backend, buckets: u32) -> TestApp {
         .await
         .expect("the Redis test server must be running");
     let worker = rand::random::<u32>() % 1024;
+    let packets: Arc<dyn PacketPool> = match setup.pool {
+        PoolKind::Redis => Arc::new(pool.clone()),
+        PoolKind::Local => Arc::new(LocalPool::open(db.clone()).await.unwrap()),
+    };
     let service = CampaignService::new(
         Store::new(db),
-        Arc::new(pool.clone()),
+        packets,
         Arc::new(SnowflakeGenerator::new(worker).unwrap()),
         buckets,
     );
@@ -60,6 +131,7 @@ pub async fn spawn_app_with_buckets(backend: Backend, buckets: u32) -> TestApp {
         address,
         client: reqwest::Client::new(),
         service,
+        setup,
         pool,
         prefix,
         database,
@@ -146,6 +218,9 @@ impl TestApp {
 
     /// Every hand-off entry of a campaign: (claim id, user, seq, amount).
     pub async fn handoff(&self, id: &str, buckets: u32) -> Vec<(String, String, u32, i64)> {
+        if self.setup.pool == PoolKind::Local {
+            return self.local_handoff(id).await;
+        }
         let mut connection = self.pool.connection();
         let mut entries = Vec::new();
         for bucket in 0..buckets {
@@ -165,6 +240,35 @@ impl TestApp {
             }
         }
         entries
+    }
+
+    /// The local pool's hand-off: grab messages in the local queue.
+    async fn local_handoff(&self, id: &str) -> Vec<(String, String, u32, i64)> {
+        use sea_orm::ConnectionTrait;
+        let db = self.service.store().db();
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT body FROM local_messages WHERE queue = 'work' ORDER BY id",
+            ))
+            .await
+            .unwrap();
+        rows.iter()
+            .filter_map(|row| {
+                let body: String = row.try_get_by_index(0).unwrap();
+                match Envelope::from_bytes(body.as_bytes()).unwrap().event {
+                    SagaEvent::GrabClaimed {
+                        claim_id,
+                        campaign_id,
+                        user_id,
+                        packet_seq,
+                        amount,
+                        ..
+                    } if campaign_id == id => Some((claim_id, user_id, packet_seq, amount)),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     pub async fn stop(self) {

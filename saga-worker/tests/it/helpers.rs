@@ -47,7 +47,14 @@ impl SagaProcess {
                 let app = Application::build(config, switches)
                     .await
                     .expect("saga worker starts");
-                ready_tx.send((app.broker().clone(), app.port())).unwrap();
+                ready_tx
+                    .send((
+                        app.broker()
+                            .expect("the distributed worker has a broker")
+                            .clone(),
+                        app.port(),
+                    ))
+                    .unwrap();
                 let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
                 let server = tokio::spawn(app.run_until_stopped(async {
                     let _ = graceful_rx.await;
