@@ -13,6 +13,9 @@ use redpacket_common::http::shutdown_signal;
 use redpacket_common::telemetry::{LogConfig, init_tracing, install_crypto_provider};
 use redpacket_migrations::{Migrator, MigratorTrait};
 
+mod demo;
+mod embedded;
+
 // Every request allocates a little; mimalloc does that several times cheaper than the system
 // allocator under contention, which shows on the grab's hot path.
 #[global_allocator]
@@ -32,14 +35,49 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the system embedded in one process on SQLite: the default for a first run.
+    /// Run the whole system in one process on SQLite: the default for a first run.
     ///
-    /// Data lives in `--data-dir` (default `./.redpacket`), so a restart keeps everything.
+    /// The gateway, campaign service, wallet and saga worker, with an in-process packet pool,
+    /// lease store and message bus; nothing else to install. Data lives in `--data-dir`, so a
+    /// restart keeps everything. Prints the docs address and ready-made tokens, and seeds (once)
+    /// a demo merchant with money and a demo campaign.
     Dev {
-        /// Address to listen on.
+        /// Address of the public gateway.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Directory for the SQLite database.
+        /// Directory for the SQLite databases and the token secret.
+        #[arg(long, default_value = ".redpacket")]
+        data_dir: PathBuf,
+    },
+    /// Drive a running system: top up a merchant, create a campaign, let N users grab at once,
+    /// wait for the credits, print a summary and the reconciliation verdict.
+    ///
+    /// Exits non-zero when an invariant is broken. Tokens are minted with RP_AUTH_SECRET, or
+    /// the secret `redpacket dev` keeps in `--data-dir`.
+    Demo {
+        /// The gateway's address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Simulated users, each grabbing once.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        users: u32,
+        /// Packets in the campaign (default: one per user).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        packets: Option<u32>,
+        /// Where `redpacket dev` keeps its secret (used when RP_AUTH_SECRET is not set).
+        #[arg(long, default_value = ".redpacket")]
+        data_dir: PathBuf,
+    },
+    /// Check every money invariant now through the gateway, printing each as held or broken
+    /// with the offending ids; exits non-zero when one is broken.
+    Reconcile {
+        /// The gateway's address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where `redpacket dev` keeps its secret (used when RP_AUTH_SECRET is not set).
         #[arg(long, default_value = ".redpacket")]
         data_dir: PathBuf,
     },
@@ -136,10 +174,49 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let source = ConfigSource::load()?;
+    let mut source = ConfigSource::load()?;
+    if matches!(cli.command, Command::Dev { .. }) && !source.is_set("RP_LOG") {
+        // One terminal shows every service: keep it to warnings so the welcome stays readable.
+        source.set("RP_LOG", "warn");
+    }
     init_tracing(&LogConfig::from_source(&source)?);
     match cli.command {
-        Command::Dev { listen, data_dir } => dev(listen, data_dir).await,
+        Command::Dev { listen, data_dir } => {
+            embedded::run(&source, listen, &data_dir, shutdown_signal()).await
+        }
+        Command::Demo {
+            gateway,
+            users,
+            packets,
+            data_dir,
+        } => {
+            let key = signing_key(&source, &data_dir)?;
+            let packets = packets.unwrap_or(users);
+            let options = demo::DemoOptions {
+                users,
+                packets,
+                // Two yuan a packet on average.
+                total_amount: i64::from(packets) * 200,
+            };
+            demo::demo(&demo::Api::new(&gateway, key)?, &options).await
+        }
+        Command::Reconcile {
+            gateway,
+            json,
+            data_dir,
+        } => {
+            let key = signing_key(&source, &data_dir)?;
+            let result = demo::Api::new(&gateway, key)?.reconciliation().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                demo::print_checks(&result);
+            }
+            if result["ok"].as_bool() != Some(true) {
+                anyhow::bail!("an invariant is broken");
+            }
+            Ok(())
+        }
         Command::Wallet { migrate } => {
             let config = redpacket_wallet::WalletConfig::from_source(&source)?;
             let app = redpacket_wallet::Application::build(&config).await?;
@@ -214,30 +291,11 @@ async fn migrate(source: &ConfigSource, action: MigrateAction) -> anyhow::Result
     Ok(())
 }
 
-/// The embedded mode: today the wallet on SQLite in the data directory.
-async fn dev(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let path = data_dir.join("wallet.sqlite");
-    let url = format!("sqlite://{}?mode=rwc", path.display());
-    let db = redpacket_common::db::connect(&url, 1)
-        .await
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    Migrator::up(&db, None)
-        .await
-        .context("applying migrations")?;
-    let app = redpacket_wallet::Application::with_database(db, listen).await?;
-    let addr = app.local_addr();
-    println!(
-        "redpacket dev: the wallet runs on http://{addr} with its data in {}",
-        data_dir.display()
-    );
-    println!("  API docs (OpenAPI): http://{addr}/openapi.json");
-    println!(
-        "  try: curl -s -XPOST http://{addr}/transfers -H 'content-type: application/json' \\"
-    );
-    println!(
-        "         -d '{{\"id\":\"t1\",\"debit\":\"external\",\"credit\":\"merchant:1\",\"amount\":1000,\"currency\":\"CNY\"}}'"
-    );
-    app.run_until_stopped(shutdown_signal()).await
+/// The token key: RP_AUTH_SECRET, else the secret kept in the data directory.
+fn signing_key(
+    source: &ConfigSource,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<redpacket_common::auth::TokenKey> {
+    let secret = redpacket_common::auth::secret_or_generated(source, data_dir)?;
+    Ok(redpacket_common::auth::TokenKey::new(secret.expose()))
 }

@@ -186,16 +186,26 @@ impl std::fmt::Debug for Application {
     }
 }
 
+/// The engine's tuning: credit batching and saga leases.
+struct Tuning {
+    credit_batch: usize,
+    credit_linger: Duration,
+    lease_ttl: Duration,
+}
+
 fn engine(
     db: sea_orm::DatabaseConnection,
     campaign_url: &str,
     wallet_url: &str,
     leases: LeaseManager,
     lease_prefix: &str,
-    credit_batch: usize,
-    credit_linger: Duration,
-    lease_ttl: Duration,
+    tuning: Tuning,
 ) -> anyhow::Result<Engine> {
+    let Tuning {
+        credit_batch,
+        credit_linger,
+        lease_ttl,
+    } = tuning;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -239,9 +249,11 @@ impl Application {
             &config.wallet_url,
             leases,
             &config.redis_prefix,
-            config.credit_batch,
-            config.credit_linger,
-            config.lease_ttl,
+            Tuning {
+                credit_batch: config.credit_batch,
+                credit_linger: config.credit_linger,
+                lease_ttl: config.lease_ttl,
+            },
         )?;
         let listener = BoundListener::bind(config.listen).await?;
         Ok(Application {
@@ -266,9 +278,11 @@ impl Application {
             &config.wallet_url,
             LeaseManager::local(),
             "local",
-            500,
-            Duration::from_millis(5),
-            Duration::from_secs(10),
+            Tuning {
+                credit_batch: 500,
+                credit_linger: Duration::from_millis(5),
+                lease_ttl: Duration::from_secs(10),
+            },
         )?;
         let listener = BoundListener::bind(config.listen).await?;
         Ok(Application {
