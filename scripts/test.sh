@@ -138,3 +138,6 @@ drop_leftover_databases
 
 log "running the test suite"
 cargo nextest run --workspace --no-fail-fast "$@"
+
+log "running a short seckill against the distributed system"
+./scripts/seckill-smoke.sh
