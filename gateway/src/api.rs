@@ -405,7 +405,8 @@ impl PublicApi {
             .await
     }
 
-    /// Replay a dead-lettered saga (operator): it runs again from where it stopped.
+    /// Replay a dead letter (operator), by the `id` the dead-letter list shows: its saga runs
+    /// again from where it stopped, with fresh retries.
     #[oai(
         path = "/v1/admin/dead-letters/:id/replay",
         method = "post",

@@ -176,6 +176,39 @@ impl Gateway {
     }
 }
 
+/// The spec's introduction, with every stable error code.
+const API_DESCRIPTION: &str = "Merchants fund campaigns split into packets; users grab them; \
+the money reaches their wallets through a saga. Amounts are integers in minor units with an \
+ISO 4217 currency; ids are strings; times are RFC 3339. Authenticate with \
+`Authorization: Bearer <token>` (HS256 JWT with `sub`, `role` and `exp`); a merchant's id and \
+a user's id are the subject of their token.
+
+Every error is `application/problem+json` with a stable `code` (and `field` when one input is \
+at fault). The codes:
+
+| status | codes |
+|---|---|
+| 400 | `malformed_json`, `unknown_field`, `missing_field`, `invalid_field`, `invalid_body`, \
+`invalid_parameter`, `invalid_cursor`, `invalid_idempotency_key` |
+| 401 | `unauthorized` (no token), `invalid_token` (malformed, expired, badly signed, not HS256) |
+| 403 | `forbidden_role` |
+| 404 | `campaign_not_found`, `claim_not_found`, `saga_not_found`, `dead_letter_not_found`, \
+`not_found` (no such route) |
+| 409 | `limit_reached` (with the caller's `claims`), `campaign_not_started`, \
+`campaign_not_funded`, `campaign_rejected`, `already_started`, `wrong_state`, \
+`idempotency_key_reused`, `transfer_conflict` |
+| 410 | `sold_out`, `campaign_ended`, `campaign_cancelled` |
+| 413 | `payload_too_large` |
+| 422 | `invalid_field`, `impossible_split`, `invalid_amount`, `unknown_currency`, \
+`currency_mismatch`, `insufficient_funds`, `invalid_account`, `unreadable_message` |
+| 429 | `rate_limited` (with the `limit`: `global`, `per-user` or `per-campaign`) |
+| 500 | `internal` |
+| 503 | `upstream_unavailable`, `overloaded`, `pool_unavailable`, `broker_unavailable` |
+| 504 | `upstream_timeout` |
+
+429 and 503 carry `Retry-After`. Every response carries `X-Request-Id` (the client's, when it \
+sent a sane one), which follows the request into every service and the saga's messages.";
+
 /// The public API's spec, as served at `/openapi.json` and committed as `openapi.json`.
 pub fn api_service(gateway: Arc<Gateway>) -> OpenApiService<PublicApi, ()> {
     OpenApiService::new(
@@ -183,13 +216,7 @@ pub fn api_service(gateway: Arc<Gateway>) -> OpenApiService<PublicApi, ()> {
         "Red packets",
         env!("CARGO_PKG_VERSION"),
     )
-    .description(
-        "Merchants fund campaigns split into packets; users grab them; the money reaches \
-         their wallets through a saga. Amounts are integers in minor units with an ISO 4217 \
-         currency; ids are strings; times are RFC 3339. Every error is \
-         `application/problem+json` with a stable `code`. Authenticate with \
-         `Authorization: Bearer <token>` (HS256 JWT with `sub`, `role` and `exp`).",
-    )
+    .description(API_DESCRIPTION)
 }
 
 /// The spec as pretty JSON (what `openapi.json` at the repository root holds).
