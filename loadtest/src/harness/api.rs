@@ -356,14 +356,8 @@ impl Api {
         let mut cursor: Option<String> = None;
         // Bounded: 100,000 pages is far beyond any campaign (10,000,000 packets / 500).
         for _ in 0..100_000 {
-            let mut request = self.client.get(self.url(path)).bearer_auth(token);
-            if let Some(cursor) = &cursor {
-                request = request.query(&[("cursor", cursor)]);
-            }
-            let response = request
-                .send()
-                .await
-                .with_context(|| format!("GET {path}"))?;
+            // A long listing outruns the caller's own rate limit: wait out the pushback.
+            let response = self.get_response(token, path, cursor.as_deref()).await?;
             let page: ClaimsPage = Self::read(&format!("GET {path}"), response, 200).await?;
             claims.extend(page.claims);
             match page.next_cursor {
