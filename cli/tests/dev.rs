@@ -39,14 +39,18 @@ impl Dev {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        // Owned at once, so every path below (a panic included) kills and reaps it on drop.
+        let dev = Dev {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
         let client = reqwest::Client::new();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
-            if let Ok(response) = client.get(format!("{url}/v1/ping")).send().await
+            if let Ok(response) = client.get(format!("{}/v1/ping", dev.url)).send().await
                 && response.status() == 200
             {
-                return Dev { child, url };
+                return dev;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -81,6 +85,7 @@ impl Dev {
 impl Drop for Dev {
     fn drop(&mut self) {
         let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
