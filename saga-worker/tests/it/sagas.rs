@@ -146,16 +146,19 @@ async fn a_crashed_worker_s_sagas_are_finished_by_another_and_its_stale_writes_r
     system.faults.set(Mode::Hang);
     let grabs = system.grab_all(&id, 40, 16).await;
     let first_saga = format!("grab:{}", grabs[0]["claim_id"].as_str().unwrap());
+    // A grab saga's row shows it running under A's fence until it ends (its steps in between
+    // are not written); with the wallet hanging, it cannot end.
     system
-        .wait_until(30, "worker A is crediting", || async {
+        .wait_until(30, "worker A runs the saga", || async {
             system
                 .sagas
                 .get(&first_saga)
                 .await
                 .unwrap()
-                .is_some_and(|s| s.step == "credit")
+                .is_some_and(|s| s.state == state::RUNNING)
         })
         .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let stale_fence = system.sagas.get(&first_saga).await.unwrap().unwrap().fence;
 
     // A dies without acknowledging anything; B starts with a healthy wallet.
