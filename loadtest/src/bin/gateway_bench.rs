@@ -9,7 +9,11 @@
 //! The system runs as child processes of the release `redpacket` binary (wallet, campaign, saga
 //! worker, gateway), each service on its own scratch PostgreSQL database, with a fresh Redis key
 //! prefix and RabbitMQ names; everything is removed afterwards. wrk drives every target, the
-//! targets interleaved round after round so that machine noise spreads evenly over them.
+//! targets interleaved round after round so that machine noise spreads evenly over them. The
+//! CPU time each process spent per grab is read from `/proc` around every run.
+//!
+//! `--compare-gateway <binary>` runs a second gateway from another build beside the first (same
+//! settings, its own users): an A/B of a gateway change within one run.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -60,7 +64,7 @@ struct Args {
     #[arg(long, default_value = "auto")]
     nginx_workers: String,
     /// Packets of the hot campaign (1 minor unit each); enough that no run sells it out.
-    #[arg(long, default_value_t = 3_000_000)]
+    #[arg(long, default_value_t = 4_000_000)]
     packets: i64,
     /// Distinct users per target, cycled (the campaign allows each 100 claims; the gateway's
     /// per-user limit stays at its default and is never reached).
@@ -82,6 +86,14 @@ struct Args {
     /// competes for the CPU); by default it is stopped once the campaign is active.
     #[arg(long)]
     keep_saga_worker: bool,
+    /// Seconds of an untimed warm-up run of every target before the rounds (connection pools,
+    /// the limiters' tables, the users' first claims).
+    #[arg(long, default_value_t = 3)]
+    warmup_seconds: u64,
+    /// A second `redpacket` binary whose gateway runs beside the first with the same settings,
+    /// as target `gateway-b`: an A/B of a gateway change within one run.
+    #[arg(long)]
+    compare_gateway: Option<PathBuf>,
     /// Pause after setup, before the runs, printing the pids (to attach `perf`).
     #[arg(long, default_value_t = 0)]
     pause_seconds: u64,
@@ -98,16 +110,17 @@ enum Target {
     Gateway,
     Direct,
     Nginx,
+    /// The gateway of `--compare-gateway`.
+    GatewayB,
 }
 
 impl Target {
-    const ALL: [Target; 3] = [Target::Gateway, Target::Direct, Target::Nginx];
-
     fn name(self) -> &'static str {
         match self {
             Target::Gateway => "gateway",
             Target::Direct => "direct",
             Target::Nginx => "nginx",
+            Target::GatewayB => "gateway-b",
         }
     }
 
@@ -116,6 +129,7 @@ impl Target {
             Target::Gateway => "gateway `POST /v1/campaigns/{id}/grab` (token, limits, breaker)",
             Target::Direct => "campaign service `POST /campaigns/{id}/grab`",
             Target::Nginx => "nginx → campaign service `POST /campaigns/{id}/grab`",
+            Target::GatewayB => "gateway-b (`--compare-gateway`), the same request",
         }
     }
 }
@@ -136,6 +150,9 @@ async fn main() -> anyhow::Result<()> {
         "{} not found: build it first with `cargo build --release -p redpacket` (or pass --redpacket)",
         binary.display()
     );
+    if let Some(path) = &args.compare_gateway {
+        anyhow::ensure!(path.is_file(), "{} not found", path.display());
+    }
     anyhow::ensure!(
         wrk_installed().await,
         "wrk is not installed (apt-get install -y wrk)"
@@ -158,7 +175,11 @@ async fn main() -> anyhow::Result<()> {
         dir: dir.clone(),
         services: Vec::new(),
     };
-    let outcome = run(&args, &binary, &scratch, &run_id, &mut system).await;
+    // Ctrl-C still cleans up: the run is dropped, then everything below happens.
+    let outcome = tokio::select! {
+        outcome = run(&args, &binary, &scratch, &run_id, &mut system) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     if let Err(err) = &outcome {
         eprintln!("gateway-bench: {err:#}");
         system.print_logs();
@@ -353,7 +374,9 @@ async fn run(
         saga_port,
         gateway_port,
         nginx_port,
+        gateway_b_port,
     ] = [
+        free_port()?,
         free_port()?,
         free_port()?,
         free_port()?,
@@ -361,12 +384,13 @@ async fn run(
         free_port()?,
     ];
     let url = |port: u16| format!("http://127.0.0.1:{port}");
-    let (wallet_url, campaign_url, saga_url, gateway_url, nginx_url) = (
+    let (wallet_url, campaign_url, saga_url, gateway_url, nginx_url, gateway_b_url) = (
         url(wallet_port),
         url(campaign_port),
         url(saga_port),
         url(gateway_port),
         url(nginx_port),
+        url(gateway_b_port),
     );
     let redis_prefix = format!("rpbench:{run_id}");
     let amqp_prefix = format!("rpbench.{run_id}");
@@ -429,12 +453,9 @@ async fn run(
     )?;
     // The limits stay on, high enough never to refuse, so their code runs on every request;
     // the per-user limit keeps its default (20/s, burst 40), far above what a cycled user does.
-    system.spawn(
-        "gateway",
-        binary,
-        &["gateway"],
-        &with_quiet(vec![
-            ("RP_LISTEN", format!("127.0.0.1:{gateway_port}")),
+    let gateway_env = |port: u16| {
+        with_quiet(vec![
+            ("RP_LISTEN", format!("127.0.0.1:{port}")),
             ("RP_CAMPAIGN_URL", campaign_url.clone()),
             ("RP_WALLET_URL", wallet_url.clone()),
             ("RP_SAGA_URL", saga_url.clone()),
@@ -443,14 +464,32 @@ async fn run(
             ("RP_LIMIT_GLOBAL_BURST", "1000000".to_owned()),
             ("RP_LIMIT_CAMPAIGN_RPS", "1000000".to_owned()),
             ("RP_LIMIT_CAMPAIGN_BURST", "1000000".to_owned()),
-        ]),
-    )?;
+        ])
+    };
+    system.spawn("gateway", binary, &["gateway"], &gateway_env(gateway_port))?;
+    if let Some(other) = &args.compare_gateway {
+        system.spawn(
+            "gateway-b",
+            other,
+            &["gateway"],
+            &gateway_env(gateway_b_port),
+        )?;
+    }
     system
         .wait_ready("saga-worker", &client, &format!("{saga_url}/health/ready"))
         .await?;
     system
         .wait_ready("gateway", &client, &format!("{gateway_url}/health/ready"))
         .await?;
+    if args.compare_gateway.is_some() {
+        system
+            .wait_ready(
+                "gateway-b",
+                &client,
+                &format!("{gateway_b_url}/health/ready"),
+            )
+            .await?;
+    }
 
     // 2. nginx in front of the campaign service.
     let nginx_conf = system.dir.join("nginx.conf");
@@ -528,18 +567,10 @@ async fn run(
     let per_thread = args.users / args.threads;
     let grab_path = format!("/campaigns/{id}/grab");
     let gateway_path = format!("/v1/campaigns/{id}/grab");
-    for thread in 0..args.threads {
-        let mut tokens = String::with_capacity(per_thread * 160);
-        for k in 1..=per_thread {
-            tokens.push_str(&key.mint(Role::User, &format!("g{thread}_{k}"), ttl)?);
-            tokens.push('\n');
-        }
-        std::fs::write(system.dir.join(format!("tokens-{thread}.txt")), tokens)?;
-    }
-    let scripts = [
+    let mut scripts = vec![
         (
             Target::Gateway,
-            gateway_script(&system.dir, &gateway_path),
+            gateway_script(&system.dir, "g", &gateway_path),
             gateway_url.clone(),
         ),
         (
@@ -553,6 +584,27 @@ async fn run(
             nginx_url.clone(),
         ),
     ];
+    if args.compare_gateway.is_some() {
+        scripts.push((
+            Target::GatewayB,
+            gateway_script(&system.dir, "h", &gateway_path),
+            gateway_b_url.clone(),
+        ));
+    }
+    // Each gateway its own users (`g…`, `h…`), each with a token, one file per wrk thread.
+    for users in ["g", "h"].iter().take(scripts.len() - 2) {
+        for thread in 0..args.threads {
+            let mut tokens = String::with_capacity(per_thread * 160);
+            for k in 1..=per_thread {
+                tokens.push_str(&key.mint(Role::User, &format!("{users}{thread}_{k}"), ttl)?);
+                tokens.push('\n');
+            }
+            std::fs::write(
+                system.dir.join(format!("tokens-{users}-{thread}.txt")),
+                tokens,
+            )?;
+        }
+    }
     let mut targets = Vec::new();
     for (target, script, base) in scripts {
         let path = system.dir.join(format!("{}.lua", target.name()));
@@ -563,7 +615,7 @@ async fn run(
     let smoke_token = key.mint(Role::User, "smoke", ttl)?;
     for (target, _, base) in &targets {
         let request = match target {
-            Target::Gateway => client
+            Target::Gateway | Target::GatewayB => client
                 .post(format!("{base}{gateway_path}"))
                 .bearer_auth(&smoke_token),
             _ => client
@@ -582,19 +634,34 @@ async fn run(
 
     let pids = Pids::find(system, &args.redis_url).await;
     println!(
-        "gateway-bench: pids gateway {:?}, campaign {:?}, nginx {:?} (workers {:?}), redis {:?}",
-        pids.gateway, pids.campaign, pids.nginx, pids.nginx_workers, pids.redis
+        "gateway-bench: pids gateway {:?}, gateway-b {:?}, campaign {:?}, nginx {:?} (workers {:?}), redis {:?}",
+        pids.gateway, pids.gateway_b, pids.campaign, pids.nginx, pids.nginx_workers, pids.redis
     );
     if args.pause_seconds > 0 {
         println!("gateway-bench: pausing {} s", args.pause_seconds);
         tokio::time::sleep(Duration::from_secs(args.pause_seconds)).await;
     }
-    println!(
-        "gateway-bench: {} rounds × 3 targets, wrk -t{} -c{} -d{}s each, {} users per target",
-        args.rounds, args.threads, args.connections, args.seconds, args.users
-    );
     let clock = clock_ticks().await;
     let duration = Duration::from_secs(args.seconds);
+    if args.warmup_seconds > 0 {
+        println!(
+            "gateway-bench: warm-up, {} s per target (not counted)",
+            args.warmup_seconds
+        );
+        for (_, script, base) in &targets {
+            let warmup = Duration::from_secs(args.warmup_seconds);
+            wrk(args.threads, args.connections, warmup, script, base).await?;
+        }
+    }
+    println!(
+        "gateway-bench: {} rounds × {} targets, wrk -t{} -c{} -d{}s each, {} users per target",
+        args.rounds,
+        targets.len(),
+        args.threads,
+        args.connections,
+        args.seconds,
+        args.users
+    );
     let mut results: Vec<(usize, Target, WrkReport, Cpu)> = Vec::new();
     for round in 0..args.rounds {
         for offset in 0..targets.len() {
@@ -627,9 +694,9 @@ async fn run(
         .await?;
     println!();
     println!(
-        "| round | target | grabs/s | p50 | p99 | non-2xx | socket errors | proxy CPU µs/grab | campaign CPU µs/grab | Redis CPU µs/grab | machine busy |"
+        "| round | target | grabs/s | p50 | p99 | non-2xx | socket errors | proxy CPU µs/grab (kernel) | campaign CPU µs/grab | Redis CPU µs/grab | wrk CPU µs/grab | machine busy | of it, other processes |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (round, target, report, cpu) in &results {
         let ok = report.requests.saturating_sub(report.non_2xx);
         let per_grab = |ticks: Option<u64>| match ticks {
@@ -642,83 +709,130 @@ async fn run(
             ""
         };
         println!(
-            "| {round} | {} | {}{flag} | {} | {} | {} | {} | {} | {} | {} | {}% |",
+            "| {round} | {} | {}{flag} | {} | {} | {} | {} | {} | {} | {} | {} | {}% | {}% |",
             target.name(),
             report.ok_per_second(),
             millis(report.p50),
             millis(report.p99),
             report.non_2xx,
             report.socket_errors,
-            per_grab(cpu.proxy),
+            match cpu.proxy {
+                Some(_) => format!("{} ({})", per_grab(cpu.proxy), per_grab(cpu.proxy_sys)),
+                None => "–".to_owned(),
+            },
             per_grab(cpu.campaign),
             per_grab(cpu.redis),
-            cpu.machine_busy_percent()
+            per_grab(cpu.wrk),
+            cpu.machine_busy_percent(),
+            cpu.other_percent()
         );
     }
-    let medians: Vec<(Target, u64, Option<Duration>, Option<Duration>)> = Target::ALL
+    let medians: Vec<Median> = targets
         .iter()
-        .map(|target| {
+        .map(|(target, _, _)| {
             let runs: Vec<&WrkReport> = results
                 .iter()
                 .filter(|(_, t, _, _)| t == target)
                 .map(|(_, _, report, _)| report)
                 .collect();
-            (
-                *target,
-                median(runs.iter().map(|r| r.ok_per_second()).collect()).unwrap_or(0),
-                median(runs.iter().filter_map(|r| r.p50).collect()),
-                median(runs.iter().filter_map(|r| r.p99).collect()),
-            )
+            Median {
+                target: *target,
+                rate: median(runs.iter().map(|r| r.ok_per_second()).collect()).unwrap_or(0),
+                p50: median(runs.iter().filter_map(|r| r.p50).collect()),
+                p99: median(runs.iter().filter_map(|r| r.p99).collect()),
+            }
         })
         .collect();
     println!();
     println!("| target | median grabs/s | median p50 | median p99 |");
     println!("|---|---:|---:|---:|");
-    for (target, rate, p50, p99) in &medians {
+    for m in &medians {
         println!(
-            "| {} | {rate} | {} | {} |",
-            target.describe(),
-            millis(*p50),
-            millis(*p99)
+            "| {} | {} | {} | {} |",
+            m.target.describe(),
+            m.rate,
+            millis(m.p50),
+            millis(m.p99)
         );
     }
-    let [gateway, direct, nginx] = [0, 1, 2].map(|i| medians[i]);
-    let micros =
-        |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let throughput_met = gateway.1 >= nginx.1;
-    let p99_met = micros(gateway.3).saturating_mul(100) <= micros(nginx.3).saturating_mul(120);
-    println!();
-    println!(
-        "gateway / nginx throughput: {} (target ≥ 1.00×) — {}",
-        ratio(gateway.1, nginx.1),
-        if throughput_met { "met" } else { "MISSED" }
-    );
-    println!(
-        "gateway p99 / nginx p99: {} (target ≤ 1.20×) — {}",
-        ratio(micros(gateway.3), micros(nginx.3)),
-        if p99_met { "met" } else { "MISSED" }
-    );
-    println!(
-        "gateway / direct throughput: {}; nginx / direct: {}",
-        ratio(gateway.1, direct.1),
-        ratio(nginx.1, direct.1)
-    );
-    println!(
-        "campaign after the runs: {} of {} packets grabbed, {} left",
-        stats["packets_grabbed"], stats["packets_total"], stats["packets_remaining"]
-    );
+    let of = |target: Target| medians.iter().find(|m| m.target == target).copied();
+    let (Some(gateway), Some(direct), Some(nginx)) =
+        (of(Target::Gateway), of(Target::Direct), of(Target::Nginx))
+    else {
+        anyhow::bail!("a target has no run");
+    };
     let invalid: Vec<String> = results
         .iter()
         .filter(|(_, _, report, _)| failed_share_over(report, 2))
         .map(|(round, target, _, _)| format!("round {round} {}", target.name()))
         .collect();
+    let verdict = |met: bool| match (invalid.is_empty(), met) {
+        (false, _) => "not valid: failed answers, see below",
+        (true, true) => "met",
+        (true, false) => "MISSED",
+    };
+    println!();
+    println!(
+        "gateway / nginx throughput: {} (target ≥ 1.00×) — {}",
+        ratio(gateway.rate, nginx.rate),
+        verdict(gateway.rate >= nginx.rate)
+    );
+    println!(
+        "gateway p99 / nginx p99: {} (target ≤ 1.20×) — {}",
+        ratio(micros(gateway.p99), micros(nginx.p99)),
+        verdict(micros(gateway.p99).saturating_mul(100) <= micros(nginx.p99).saturating_mul(120))
+    );
+    println!(
+        "gateway / direct throughput: {}; nginx / direct: {}",
+        ratio(gateway.rate, direct.rate),
+        ratio(nginx.rate, direct.rate)
+    );
+    if let Some(b) = of(Target::GatewayB) {
+        println!(
+            "gateway-b / gateway throughput: {}, p99 {}; gateway-b / nginx throughput: {}, p99 {}",
+            ratio(b.rate, gateway.rate),
+            ratio(micros(b.p99), micros(gateway.p99)),
+            ratio(b.rate, nginx.rate),
+            ratio(micros(b.p99), micros(nginx.p99))
+        );
+    }
+    println!(
+        "campaign after the runs: {} of {} packets grabbed, {} left",
+        stats["packets_grabbed"], stats["packets_total"], stats["packets_remaining"]
+    );
     if !invalid.is_empty() {
         println!(
             "⚠ more than 2% of the answers were not 2xx (or failed) in: {}",
             invalid.join(", ")
         );
     }
+    let disturbed: Vec<String> = results
+        .iter()
+        .filter(|(_, _, _, cpu)| cpu.other_percent() > 5)
+        .map(|(round, target, _, cpu)| {
+            format!("round {round} {} ({}%)", target.name(), cpu.other_percent())
+        })
+        .collect();
+    if !disturbed.is_empty() {
+        println!(
+            "⚠ other processes took more than 5% of the machine in: {} — rerun on a quiet machine",
+            disturbed.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// One target's medians over the rounds.
+#[derive(Debug, Clone, Copy)]
+struct Median {
+    target: Target,
+    rate: u64,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+}
+
+fn micros(duration: Option<Duration>) -> u64 {
+    duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn failed_share_over(report: &WrkReport, percent: u64) -> bool {
@@ -779,7 +893,6 @@ daemon off;
 master_process on;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
-worker_rlimit_nofile 65536;
 events {{
     worker_connections 4096;
 }}
@@ -813,7 +926,7 @@ http {{
 
 /// Per wrk thread, every request prepared up front (`Authorization` with one user's token,
 /// users cycled), so wrk spends as little CPU as possible per request.
-fn gateway_script(dir: &Path, path: &str) -> String {
+fn gateway_script(dir: &Path, users: &str, path: &str) -> String {
     format!(
         r#"local next_thread = 0
 setup = function(thread)
@@ -824,7 +937,7 @@ local requests = {{}}
 local n = 0
 local i = 0
 init = function(args)
-  for token in io.lines("{dir}/tokens-" .. tid .. ".txt") do
+  for token in io.lines("{dir}/tokens-{users}-" .. tid .. ".txt") do
     n = n + 1
     requests[n] = wrk.format("POST", "{path}", {{["Authorization"] = "Bearer " .. token}}, nil)
   end
@@ -869,6 +982,7 @@ end
 #[derive(Debug)]
 struct Pids {
     gateway: Option<u32>,
+    gateway_b: Option<u32>,
     campaign: Option<u32>,
     nginx: Option<u32>,
     nginx_workers: Vec<u32>,
@@ -879,8 +993,12 @@ struct Pids {
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     proxy: Option<u64>,
+    /// Of `proxy`, the time in the kernel.
+    proxy_sys: Option<u64>,
     campaign: Option<u64>,
     redis: Option<u64>,
+    /// wrk's (the children this process reaped).
+    wrk: Option<u64>,
     machine_busy: u64,
     machine_total: u64,
 }
@@ -890,8 +1008,10 @@ impl Cpu {
         let diff = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
         Cpu {
             proxy: diff(self.proxy, before.proxy),
+            proxy_sys: diff(self.proxy_sys, before.proxy_sys),
             campaign: diff(self.campaign, before.campaign),
             redis: diff(self.redis, before.redis),
+            wrk: diff(self.wrk, before.wrk),
             machine_busy: self.machine_busy.saturating_sub(before.machine_busy),
             machine_total: self.machine_total.saturating_sub(before.machine_total),
         }
@@ -899,6 +1019,16 @@ impl Cpu {
 
     fn machine_busy_percent(&self) -> u64 {
         self.machine_busy.saturating_mul(100) / self.machine_total.max(1)
+    }
+
+    /// The share of the machine busy with anything but the measured processes and wrk: other
+    /// work on the machine that disturbed the run.
+    fn other_percent(&self) -> u64 {
+        let known = [self.proxy, self.campaign, self.redis, self.wrk]
+            .iter()
+            .flatten()
+            .sum::<u64>();
+        self.machine_busy.saturating_sub(known).saturating_mul(100) / self.machine_total.max(1)
     }
 }
 
@@ -930,6 +1060,7 @@ impl Pids {
         .await;
         Pids {
             gateway: system.pid("gateway"),
+            gateway_b: system.pid("gateway-b"),
             campaign: system.pid("campaign"),
             nginx,
             nginx_workers: nginx.map(children_of).unwrap_or_default(),
@@ -938,22 +1069,32 @@ impl Pids {
     }
 
     fn sample(&self, target: Target) -> Cpu {
-        let proxy = match target {
-            Target::Gateway => self.gateway.and_then(process_ticks),
-            Target::Direct => None,
-            Target::Nginx => {
-                let mut total = self.nginx.and_then(process_ticks);
-                for worker in &self.nginx_workers {
-                    total = Some(total.unwrap_or(0) + process_ticks(*worker).unwrap_or(0));
-                }
-                total
-            }
+        let proxy: Vec<u32> = match target {
+            Target::Gateway => self.gateway.into_iter().collect(),
+            Target::GatewayB => self.gateway_b.into_iter().collect(),
+            Target::Direct => Vec::new(),
+            Target::Nginx => self
+                .nginx
+                .into_iter()
+                .chain(self.nginx_workers.iter().copied())
+                .collect(),
+        };
+        let proxy_ticks: Vec<(u64, u64)> = proxy.into_iter().filter_map(user_sys_ticks).collect();
+        let (proxy, proxy_sys) = if proxy_ticks.is_empty() {
+            (None, None)
+        } else {
+            (
+                Some(proxy_ticks.iter().map(|(user, sys)| user + sys).sum()),
+                Some(proxy_ticks.iter().map(|(_, sys)| sys).sum()),
+            )
         };
         let (machine_busy, machine_total) = machine_ticks().unwrap_or_default();
         Cpu {
             proxy,
+            proxy_sys,
             campaign: self.campaign.and_then(process_ticks),
             redis: self.redis.and_then(process_ticks),
+            wrk: reaped_children_ticks(),
             machine_busy,
             machine_total,
         }
@@ -967,12 +1108,25 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-/// User + system CPU time of a process (all its threads), in clock ticks.
-fn process_ticks(pid: u32) -> Option<u64> {
+/// User and system CPU time of a process (all its threads), in clock ticks.
+fn user_sys_ticks(pid: u32) -> Option<(u64, u64)> {
     let fields = stat_fields(pid)?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
+}
+
+/// User + system CPU time of the children this process waited for (wrk), in clock ticks.
+fn reaped_children_ticks() -> Option<u64> {
+    let fields = stat_fields(std::process::id())?;
+    let cutime: u64 = fields.get(13)?.parse().ok()?;
+    let cstime: u64 = fields.get(14)?.parse().ok()?;
+    Some(cutime + cstime)
+}
+
+/// User + system CPU time of a process, in clock ticks.
+fn process_ticks(pid: u32) -> Option<u64> {
+    user_sys_ticks(pid).map(|(user, sys)| user + sys)
 }
 
 fn children_of(parent: u32) -> Vec<u32> {
