@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper_util::client::legacy::connect::HttpConnector;
 use poem::{Endpoint, EndpointExt, IntoResponse, Route};
 use poem_openapi::OpenApiService;
 use redpacket_common::auth::TokenKey;
@@ -102,11 +103,12 @@ impl GatewayConfig {
         }
         let url = |var: &str| -> Result<String, ConfigError> {
             let value: String = source.required(var)?;
-            if !(value.starts_with("http://") || value.starts_with("https://")) {
+            // The internal APIs are plain HTTP inside the cluster; TLS ends at the gateway.
+            if !value.starts_with("http://") {
                 return Err(ConfigError::Malformed {
                     var: var.to_owned(),
                     shown: format!(" `{value}`"),
-                    reason: "must be an http:// or https:// URL".into(),
+                    reason: "must be an http:// URL (the internal APIs speak plain HTTP)".into(),
                 });
             }
             Ok(value)
@@ -142,12 +144,15 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: &GatewayConfig, metrics: &Metrics) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .build()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(connector);
         let breaker_metrics = BreakerMetrics::new(metrics);
         let upstream = |name, url: &str| {
             Upstream::new(
@@ -161,9 +166,9 @@ impl Gateway {
         Ok(Gateway {
             key: TokenKey::new(config.auth_secret.expose()),
             limits: Limits::new(config.limits),
-            campaign: upstream("campaign", &config.campaign_url),
-            wallet: upstream("wallet", &config.wallet_url),
-            saga: upstream("saga", &config.saga_url),
+            campaign: upstream("campaign", &config.campaign_url)?,
+            wallet: upstream("wallet", &config.wallet_url)?,
+            saga: upstream("saga", &config.saga_url)?,
             cache: cache::Cache::default(),
             timeouts: config.timeouts,
             currency: config.currency.clone(),
@@ -294,6 +299,12 @@ pub fn endpoint(gateway: Arc<Gateway>, metrics: Metrics) -> impl Endpoint + 'sta
         }
     });
     let route = Route::new()
+        .at(
+            "/v1/campaigns/:id/grab",
+            poem::post(api::FastGrab {
+                gateway: gateway.clone(),
+            }),
+        )
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api);

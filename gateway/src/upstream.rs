@@ -4,7 +4,11 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use poem::http::{HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use poem::http::uri::{Authority, Scheme};
+use poem::http::{HeaderValue, Method, StatusCode, Uri, header};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use redpacket_common::Problem;
 use redpacket_common::http::REQUEST_ID_HEADER;
@@ -94,12 +98,26 @@ impl BreakerMetrics {
     }
 }
 
+/// The HTTP/1.1 client of the upstreams: hyper's pooled client, without reqwest's layers
+/// (a `Url` parsed twice per call, IDNA, redirect policy, its own boxed futures).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Why a call got no answer.
+enum CallError {
+    Timeout,
+    Failed(String),
+}
+
 /// One upstream service.
 #[derive(Debug)]
 pub struct Upstream {
     name: &'static str,
     base: String,
-    client: reqwest::Client,
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path (`/api` in `http://host/api`), put before every call's path.
+    prefix: String,
+    client: HttpClient,
     breaker: Breaker,
     metrics: BreakerMetrics,
 }
@@ -108,18 +126,30 @@ impl Upstream {
     pub fn new(
         name: &'static str,
         base_url: &str,
-        client: reqwest::Client,
+        client: HttpClient,
         breaker: BreakerConfig,
         metrics: BreakerMetrics,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         metrics.state.with_label_values(&[name]).set(0);
-        Upstream {
+        let base = base_url.trim_end_matches('/').to_owned();
+        let uri: Uri = base
+            .parse()
+            .map_err(|err| anyhow::anyhow!("the {name} URL `{base}`: {err}"))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            anyhow::bail!("the {name} URL `{base}` needs a scheme and a host");
+        };
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Upstream {
             name,
-            base: base_url.trim_end_matches('/').to_owned(),
+            base,
+            scheme,
+            authority,
+            prefix,
             client,
             breaker: Breaker::new(breaker),
             metrics,
-        }
+        })
     }
 
     pub fn name(&self) -> &'static str {
@@ -190,31 +220,10 @@ impl Upstream {
                 .into());
             }
         };
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .timeout(deadline)
-            .header(REQUEST_ID_HEADER, request_id);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body);
-        }
-        let result = async {
-            let response = request.send().await?;
-            let status = response.status();
-            let retry_after = response.headers().get("retry-after").cloned();
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>(Reply {
-                status,
-                body,
-                retry_after,
-            })
-        }
-        .await;
+        let result =
+            tokio::time::timeout(deadline, self.send(method, path, body, headers, request_id))
+                .await
+                .unwrap_or(Err(CallError::Timeout));
         let elapsed = started.elapsed();
         let slow = elapsed > self.breaker.config().slow_call;
         let failed = match &result {
@@ -225,9 +234,9 @@ impl Upstream {
             self.breaker
                 .record(permit, Outcome { failed, slow }, Instant::now()),
         );
-        result.map_err(|err| {
-            if err.is_timeout() {
-                tracing::warn!(upstream = self.name, error = %err, "upstream timed out");
+        result.map_err(|err| match err {
+            CallError::Timeout => {
+                tracing::warn!(upstream = self.name, "upstream timed out");
                 Problem::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -239,8 +248,9 @@ impl Upstream {
                     ),
                 )
                 .into()
-            } else {
-                tracing::warn!(upstream = self.name, error = %err, "upstream call failed");
+            }
+            CallError::Failed(error) => {
+                tracing::warn!(upstream = self.name, error, "upstream call failed");
                 Problem::unavailable(
                     "upstream_unavailable",
                     format!("the {} service cannot be reached", self.name),
@@ -248,6 +258,66 @@ impl Upstream {
                 .with_retry_after(1)
                 .into()
             }
+        })
+    }
+
+    /// One request and its whole answer.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&'static str, &str)],
+        request_id: &str,
+    ) -> Result<Reply, CallError> {
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
+        let uri = if self.prefix.is_empty() {
+            uri.path_and_query(path)
+        } else {
+            uri.path_and_query(format!("{}{path}", self.prefix))
+        };
+        let uri = uri
+            .build()
+            .map_err(|err| CallError::Failed(format!("{}{path}: {err}", self.base)))?;
+        let mut request = poem::http::Request::builder().method(method).uri(uri);
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            request = request.header(REQUEST_ID_HEADER, value);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Full::new(body)
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = request
+            .body(body)
+            .map_err(|err| CallError::Failed(err.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|err| CallError::Failed(err.to_string()))?;
+        let status = response.status();
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| CallError::Failed(err.to_string()))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
         })
     }
 }
