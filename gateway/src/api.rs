@@ -238,11 +238,8 @@ impl PublicApi {
         let reply = self
             .gateway
             .campaign
-            .call(
-                Method::GET,
+            .get(
                 &format!("/campaigns/{id}"),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )
@@ -272,11 +269,8 @@ impl PublicApi {
         let reply = self
             .gateway
             .wallet
-            .call(
-                Method::GET,
+            .get(
                 &format!("/accounts/{account}"),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )
@@ -305,14 +299,7 @@ impl PublicApi {
         path: String,
     ) -> Result<Raw<T>, GatewayError> {
         let reply = upstream
-            .call(
-                Method::GET,
-                &path,
-                None,
-                &[],
-                &caller.request_id,
-                self.gateway.timeouts.read,
-            )
+            .get(&path, &caller.request_id, self.gateway.timeouts.read)
             .await?;
         Ok(Raw::new(reply.success()?))
     }
@@ -564,11 +551,8 @@ impl PublicApi {
         let reply = self
             .gateway
             .campaign
-            .call(
-                Method::GET,
+            .get(
                 &format!("/campaigns/{id}"),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )
@@ -602,11 +586,8 @@ impl PublicApi {
         let fresh = self
             .gateway
             .campaign
-            .call(
-                Method::GET,
+            .get(
                 &format!("/campaigns/{id}/stats"),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )
@@ -737,11 +718,8 @@ impl PublicApi {
         let reply = self
             .gateway
             .campaign
-            .call(
-                Method::GET,
+            .get(
                 &format!("/claims/{id}"),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )
@@ -793,11 +771,8 @@ impl PublicApi {
         let reply = self
             .gateway
             .wallet
-            .call(
-                Method::GET,
+            .get(
                 &format!("/accounts/user:{}/entries?{cursor}", caller.sub),
-                None,
-                &[],
                 &caller.request_id,
                 self.gateway.timeouts.read,
             )

@@ -3,7 +3,7 @@
 //! holds exactly the unclaimed packets plus the claims in flight.
 
 use futures::StreamExt;
-use poem::http::{Method, StatusCode};
+use poem::http::StatusCode;
 use serde::Deserialize;
 
 use crate::Gateway;
@@ -60,12 +60,12 @@ pub async fn run(gateway: &Gateway, request_id: &str) -> Result<Reconciliation, 
     let read = gateway.timeouts.write;
     let ledger: Checks = gateway
         .wallet
-        .call(Method::GET, "/invariants", None, &[], request_id, read)
+        .get("/invariants", request_id, read)
         .await?
         .json()?;
     let campaign: CampaignSide = gateway
         .campaign
-        .call(Method::GET, "/reconciliation", None, &[], request_id, read)
+        .get("/reconciliation", request_id, read)
         .await?
         .json()?;
     let mut checks = ledger.checks;
@@ -115,19 +115,12 @@ async fn check_escrow(
     let stats_path = format!("/campaigns/{}/stats", brief.id);
     let before: Stats = gateway
         .campaign
-        .call(Method::GET, &stats_path, None, &[], request_id, read)
+        .get(&stats_path, request_id, read)
         .await?
         .json()?;
     let reply = gateway
         .wallet
-        .call(
-            Method::GET,
-            &format!("/accounts/escrow:{}", brief.id),
-            None,
-            &[],
-            request_id,
-            read,
-        )
+        .get(&format!("/accounts/escrow:{}", brief.id), request_id, read)
         .await?;
     let balance = if reply.status == StatusCode::NOT_FOUND {
         0
@@ -136,7 +129,7 @@ async fn check_escrow(
     };
     let after: Stats = gateway
         .campaign
-        .call(Method::GET, &stats_path, None, &[], request_id, read)
+        .get(&stats_path, request_id, read)
         .await?
         .json()?;
     let (Some(high), Some(low)) = (expected_escrow(&before), expected_escrow(&after)) else {

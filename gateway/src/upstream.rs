@@ -188,6 +188,17 @@ impl Upstream {
         }
     }
 
+    /// `GET path` within `deadline`.
+    pub async fn get(
+        &self,
+        path: &str,
+        request_id: &str,
+        deadline: Duration,
+    ) -> Result<Reply, GatewayError> {
+        self.call(Method::GET, path, None, &[], request_id, deadline)
+            .await
+    }
+
     /// Calls `method path` with an optional JSON body, within `deadline`.
     ///
     /// A refused call (open breaker) and a failed one (connection refused, timeout) answer
