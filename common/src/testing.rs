@@ -141,6 +141,19 @@ pub async fn assert_problem(
     body
 }
 
+/// The Redis of the tests (`RP_TEST_REDIS_URL`, default the local one); each test keeps its
+/// keys under its own prefix.
+pub fn redis_url() -> String {
+    std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The RabbitMQ of the tests (`RP_TEST_AMQP_URL`, default the local one); each test declares
+/// its own exchange and queue names.
+pub fn amqp_url() -> String {
+    std::env::var("RP_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::db::database_url as with_database;

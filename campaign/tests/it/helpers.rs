@@ -5,7 +5,7 @@ use redis::AsyncCommands;
 use redpacket_campaign::{Application, CampaignService, LocalPool, PacketPool, RedisPool, Store};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::messages::{Envelope, SagaEvent};
-use redpacket_common::testing::{Backend, TestDatabase};
+use redpacket_common::testing::{Backend, TestDatabase, redis_url};
 pub use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use serde_json::{Value, json};
@@ -87,10 +87,6 @@ pub struct TestApp {
     database: TestDatabase,
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-pub fn redis_url() -> String {
-    std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
 pub async fn spawn_app(setup: Setup) -> TestApp {

@@ -13,7 +13,7 @@ use redpacket_common::Secret;
 use redpacket_common::auth::{Role, TokenKey};
 use redpacket_common::http::BoundListener;
 use redpacket_common::ids::SnowflakeGenerator;
-use redpacket_common::testing::{Backend, TestDatabase};
+use redpacket_common::testing::{Backend, TestDatabase, amqp_url, redis_url};
 use redpacket_gateway::GatewayConfig;
 use redpacket_gateway::breaker::BreakerConfig;
 use redpacket_gateway::limits::{LimitConfig, Rate};
@@ -30,15 +30,6 @@ pub fn key() -> TokenKey {
 
 pub fn token(role: Role, sub: &str) -> String {
     key().mint(role, sub, Duration::from_secs(600)).unwrap()
-}
-
-fn redis_url() -> String {
-    std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn amqp_url() -> String {
-    std::env::var("RP_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 /// The gateway's settings over the given upstreams, with limits off unless a test sets them.

@@ -5,6 +5,7 @@ use redpacket_campaign::{CampaignService, RedisPool, Store};
 use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::testing::{Backend, TestDatabase};
+pub use redpacket_common::testing::{amqp_url, redis_url};
 pub use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
 use redpacket_saga_worker::broker::Broker;
@@ -15,15 +16,6 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::faults::{self, Faults};
-
-pub fn redis_url() -> String {
-    std::env::var("RP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-pub fn amqp_url() -> String {
-    std::env::var("RP_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 /// A saga worker in its own runtime and thread: it can stop cleanly or crash like a process.
 pub struct SagaProcess {
