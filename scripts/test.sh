@@ -9,6 +9,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/redpacket-target}"
 export RP_TEST_POSTGRES_URL="${RP_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export RP_TEST_MYSQL_URL="${RP_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}"
 export RP_TEST_REDIS_URL="${RP_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+amqp_given="${RP_TEST_AMQP_URL:-}"
 export RP_TEST_AMQP_URL="${RP_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -102,6 +103,22 @@ ensure_nextest() {
   fi
 }
 
+use_own_vhost() {
+  # Each run's RabbitMQ names live in a vhost of its own, deleted at the end in one step (tests
+  # that stop early leave their quorum queues behind otherwise); vhosts of runs that died are
+  # deleted first. A given RP_TEST_AMQP_URL is used as it is.
+  [ -z "$amqp_given" ] && command -v rabbitmqctl >/dev/null || return 0
+  local leftover
+  for leftover in $(rabbitmqctl -q list_vhosts name 2>/dev/null | grep '^rpt-' || true); do
+    rabbitmqctl -q delete_vhost "$leftover" >/dev/null 2>&1 || true
+  done
+  vhost="rpt-$$-$(date +%s)"
+  rabbitmqctl -q add_vhost "$vhost" >/dev/null
+  rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
+  export RP_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$vhost"
+  trap 'rabbitmqctl -q delete_vhost "$vhost" >/dev/null 2>&1 || true' EXIT
+}
+
 ensure_sdk_generator() {
   # The gateway's SDK test generates a Python client from openapi.json.
   if ! command -v openapi-python-client >/dev/null; then
@@ -132,6 +149,7 @@ ensure_postgres
 ensure_mariadb
 ensure_redis
 ensure_rabbitmq
+use_own_vhost
 ensure_nextest
 ensure_sdk_generator
 drop_leftover_databases

@@ -207,6 +207,30 @@ impl Broker {
         }
     }
 
+    /// Deletes this deployment's exchange and queues, over a connection of its own (the
+    /// shared one may be closed): how tests and benchmarks leave nothing behind.
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let connection =
+            tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(&self.uri, properties()))
+                .await
+                .map_err(|_| BrokerError::Timeout)??;
+        let channel = connection.create_channel().await?;
+        let topology = &self.topology;
+        let mut queues = vec![topology.work.clone(), topology.dead.clone()];
+        queues.extend((0..RETRY_LEVELS).map(|level| topology.retry_queue(level)));
+        for queue in queues {
+            channel
+                .queue_delete(&queue, QueueDeleteOptions::default())
+                .await?;
+        }
+        channel
+            .exchange_delete(&topology.exchange, ExchangeDeleteOptions::default())
+            .await?;
+        let _ = connection.close(200, "topology deleted").await;
+        Ok(())
+    }
+
     /// Publishes persistently to `routing_key` and waits for the broker's confirm.
     pub async fn publish(
         &self,

@@ -1169,19 +1169,14 @@ async fn clock_ticks() -> u64 {
 
 /// Deletes the saga worker's exchange and queues under `prefix`.
 async fn delete_broker_topology(amqp_url: &str, prefix: &str) -> anyhow::Result<()> {
-    use redpacket_saga_worker::broker::{Broker, RETRY_LEVELS};
     // The worker's default retry base, so the (re)declaration matches what it declared.
-    let broker = Broker::connect(amqp_url, prefix, Duration::from_millis(200)).await?;
-    let channel = broker.consumer_channel(1).await?;
-    let topology = broker.topology().clone();
-    let mut queues = vec![topology.work.clone(), topology.dead.clone()];
-    queues.extend((0..RETRY_LEVELS).map(|level| topology.retry_queue(level)));
-    for queue in &queues {
-        channel.queue_delete(queue, Default::default()).await?;
-    }
-    channel
-        .exchange_delete(&topology.exchange, Default::default())
-        .await?;
+    let broker = redpacket_saga_worker::broker::Broker::connect(
+        amqp_url,
+        prefix,
+        redpacket_saga_worker::broker::DEFAULT_RETRY_BASE,
+    )
+    .await?;
+    broker.delete_topology().await?;
     broker.close_connection().await;
     Ok(())
 }

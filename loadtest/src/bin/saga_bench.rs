@@ -19,6 +19,7 @@ use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::time::rfc3339_in;
 use redpacket_migrations::{Migrator, MigratorTrait};
+use redpacket_saga_worker::broker::{Broker, DEFAULT_RETRY_BASE};
 use redpacket_saga_worker::{Application, SagaConfig, TestSwitches};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
@@ -78,6 +79,19 @@ async fn main() -> anyhow::Result<()> {
     let outcome = run(&args, &urls, &suffix).await;
     scratch.drop_all().await?;
     unlink_prefix(&args.redis_url, &format!("rpbench:{suffix}")).await?;
+    // Every worker run declared its own RabbitMQ names (see `worker_config`): remove them all.
+    for run in ["batched", "single", "lag"] {
+        let prefix = format!("rpbench.{suffix}.{run}");
+        match Broker::connect(&args.amqp_url, &prefix, DEFAULT_RETRY_BASE).await {
+            Ok(broker) => {
+                if let Err(err) = broker.delete_topology().await {
+                    eprintln!("leftover RabbitMQ names {prefix}.*: {err}");
+                }
+                broker.close_connection().await;
+            }
+            Err(err) => eprintln!("leftover RabbitMQ names {prefix}.*: {err}"),
+        }
+    }
     outcome
 }
 

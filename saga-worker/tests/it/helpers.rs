@@ -389,32 +389,10 @@ impl System {
 
 /// Deletes a test's exchange and queues from the broker.
 pub async fn delete_topology(broker: &Broker) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let Ok(connection) = lapin::Connection::connect(
-        &amqp_url(),
-        lapin::ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio::current()),
-    )
-    .await
-    else {
-        return;
-    };
-    let Ok(channel) = connection.create_channel().await else {
-        return;
-    };
-    let topology = broker.topology();
-    let mut queues = vec![topology.work.clone(), topology.dead.clone()];
-    queues.extend(
-        (0..redpacket_saga_worker::broker::RETRY_LEVELS).map(|level| topology.retry_queue(level)),
-    );
-    for queue in queues {
-        let _ = channel
-            .queue_delete(&queue, QueueDeleteOptions::default())
-            .await;
+    if let Err(err) = broker.delete_topology().await {
+        eprintln!(
+            "leftover RabbitMQ names of {:?}: {err}",
+            broker.topology().prefix
+        );
     }
-    let _ = channel
-        .exchange_delete(&topology.exchange, ExchangeDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "done").await;
 }
