@@ -94,13 +94,18 @@ async fn ten_thousand_grabs_are_each_credited_once_and_the_campaign_settles() {
     assert_eq!(system.balance("merchant:m1").await, 2_000_000 - total);
     assert_each_credited_once(&system, &grabs).await;
     system.assert_ledger().await;
-    let saga = system
-        .sagas
-        .get(&format!("refund:{id}"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(saga.state, state::COMPLETED);
+    // The saga's own row ends just after the campaign turned `settled`.
+    let refund = format!("refund:{id}");
+    system
+        .wait_until(10, "the refund saga completes", || async {
+            system
+                .sagas
+                .get(&refund)
+                .await
+                .unwrap()
+                .is_some_and(|saga| saga.state == state::COMPLETED)
+        })
+        .await;
     Arc::into_inner(system).unwrap().stop().await;
 }
 
@@ -176,8 +181,17 @@ async fn a_crashed_worker_s_sagas_are_finished_by_another_and_its_stale_writes_r
     assert_each_credited_once(&system, &grabs).await;
 
     // A wakes up with its old fencing token: its writes are refused.
+    system
+        .wait_until(10, "B completes the first saga", || async {
+            system
+                .sagas
+                .get(&first_saga)
+                .await
+                .unwrap()
+                .is_some_and(|saga| saga.state == state::COMPLETED)
+        })
+        .await;
     let saga = system.sagas.get(&first_saga).await.unwrap().unwrap();
-    assert_eq!(saga.state, state::COMPLETED);
     assert!(saga.fence > stale_fence);
     assert!(
         !system
@@ -352,13 +366,18 @@ async fn funding_without_money_rejects_the_campaign_and_moves_nothing() {
     );
     assert_eq!(system.balance("merchant:poor").await, 1_000);
     assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
-    let saga = system
-        .sagas
-        .get(&format!("fund:{id}"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(saga.state, state::COMPENSATED);
+    // The saga's own row ends just after the campaign turned `rejected`.
+    let saga_id = format!("fund:{id}");
+    system
+        .wait_until(10, "the funding saga ends compensated", || async {
+            system
+                .sagas
+                .get(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|saga| saga.state == state::COMPENSATED)
+        })
+        .await;
     system.assert_ledger().await;
     system.stop().await;
 }
