@@ -1,5 +1,8 @@
 use std::sync::Arc;
 
+use redpacket_campaign::entity::claim;
+use sea_orm::{ActiveValue::Set, EntityTrait};
+
 use serde_json::{Value, json};
 
 use crate::helpers::{Setup, assert_problem, campaign_body, rfc3339_in, spawn_app};
@@ -168,6 +171,60 @@ async fn claims_move_from_pending_to_credited_or_compensated(setup: Setup) {
         Some("cursor"),
     )
     .await;
+
+    // The reconciliation's checks hold, and name the offender once one is broken: a claim
+    // forged straight into the table puts alice over her limit and the counters off.
+    let reconciliation = app.get_json("/reconciliation").await;
+    let checks = reconciliation["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 3);
+    assert!(checks.iter().all(|c| c["ok"] == true), "{reconciliation}");
+    assert_eq!(reconciliation["campaigns"][0]["id"], id.as_str());
+    let forged = claim::ActiveModel {
+        id: Set("f".repeat(32)),
+        campaign_id: Set(id.parse().unwrap()),
+        user_id: Set("alice".into()),
+        packet_seq: Set(0),
+        amount: Set(1),
+        currency: Set("CNY".into()),
+        status: Set("pending".into()),
+        reason: Set(None),
+        request_id: Set(None),
+        grabbed_at_ms: Set(0),
+        recorded_at_ms: Set(0),
+        credited_at_ms: Set(None),
+        compensated_at_ms: Set(None),
+        returned_to_pool: Set(false),
+    };
+    claim::Entity::insert(forged)
+        .exec_without_returning(app.service.store().db())
+        .await
+        .unwrap();
+    let reconciliation = app.get_json("/reconciliation").await;
+    let check = |name: &str| {
+        reconciliation["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let over = check("users_within_limit");
+    assert_eq!(over["ok"], false);
+    assert!(
+        over["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{id}/alice")),
+        "{over}"
+    );
+    let drifted = check("counters_match_claims");
+    assert_eq!(drifted["ok"], false);
+    assert!(
+        drifted["detail"].as_str().unwrap().contains(&id),
+        "{drifted}"
+    );
+    assert_eq!(check("grabs_within_packets")["ok"], true);
     Arc::into_inner(app).unwrap().stop().await;
 }
 on_every_pool!(claims_move_from_pending_to_credited_or_compensated);
