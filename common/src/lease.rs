@@ -48,6 +48,46 @@ end
 return 0
 ";
 
+const ACQUIRE_MANY: &str = r"
+-- KEYS: fence counter, then the leases; ARGV: token, ttl_ms
+-- Answers {fence, granted...}: one fence for every lease granted, 0 when none was.
+local answer = {0}
+local any = false
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    answer[i] = 1
+    any = true
+  else
+    answer[i] = 0
+  end
+end
+if any then answer[1] = redis.call('INCR', KEYS[1]) end
+return answer
+";
+
+const EXTEND_MANY: &str = r"
+-- KEYS: leases; ARGV: token, ttl_ms. Answers how many were still held and are extended.
+local held = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    held = held + 1
+  end
+end
+return held
+";
+
+const RELEASE_MANY: &str = r"
+-- KEYS: leases; ARGV: token
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    released = released + redis.call('DEL', KEYS[i])
+  end
+end
+return released
+";
+
 const FENCED_SET: &str = r"
 -- KEYS: value, highest fence seen; ARGV: fence, value
 local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -78,6 +118,47 @@ pub trait LeaseStore: Send + Sync {
     async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError>;
     /// Releases the lease if `token` holds it.
     async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError>;
+
+    /// Grants every free lease of `keys` to `token` at once, under one fencing token higher
+    /// than any earlier grant of each of them: the fence (`None` when nothing was granted) and,
+    /// per key, whether it was granted.
+    async fn grant_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(Option<u64>, Vec<bool>), LeaseError> {
+        let mut fence = None;
+        let mut granted = Vec::with_capacity(keys.len());
+        for key in keys {
+            let got = self.grant(key, token, ttl).await?;
+            granted.push(got.is_some());
+            fence = fence.max(got);
+        }
+        Ok((fence, granted))
+    }
+
+    /// Extends every lease of `keys` that `token` holds; true when it held them all.
+    async fn extend_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, LeaseError> {
+        let mut all = true;
+        for key in keys {
+            all &= self.extend(key, token, ttl).await?;
+        }
+        Ok(all)
+    }
+
+    /// Releases every lease of `keys` that `token` holds.
+    async fn release_many(&self, keys: &[String], token: &str) -> Result<(), LeaseError> {
+        for key in keys {
+            self.release(key, token).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Leases in one Redis: atomic scripts over `SET NX PX` and a counter.
@@ -87,6 +168,9 @@ struct RedisLeases {
     acquire: Script,
     extend: Script,
     release: Script,
+    acquire_many: Script,
+    extend_many: Script,
+    release_many: Script,
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -130,6 +214,50 @@ impl LeaseStore for RedisLeases {
             .invoke_async(&mut self.connection.clone())
             .await?;
         Ok(released == 1)
+    }
+
+    async fn grant_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(Option<u64>, Vec<bool>), LeaseError> {
+        let mut invocation = self.acquire_many.key(&self.fence_key);
+        invocation.key(keys).arg(token).arg(millis(ttl));
+        let answer: Vec<u64> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        let fence = answer.first().copied().filter(|fence| *fence > 0);
+        Ok((
+            fence,
+            answer.iter().skip(1).map(|flag| *flag == 1).collect(),
+        ))
+    }
+
+    async fn extend_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, LeaseError> {
+        let held: usize = self
+            .extend_many
+            .key(keys)
+            .arg(token)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(held == keys.len())
+    }
+
+    async fn release_many(&self, keys: &[String], token: &str) -> Result<(), LeaseError> {
+        let _: i64 = self
+            .release_many
+            .key(keys)
+            .arg(token)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(())
     }
 }
 
@@ -244,6 +372,9 @@ impl LeaseManager {
                 acquire: Script::new(ACQUIRE),
                 extend: Script::new(EXTEND),
                 release: Script::new(RELEASE),
+                acquire_many: Script::new(ACQUIRE_MANY),
+                extend_many: Script::new(EXTEND_MANY),
+                release_many: Script::new(RELEASE_MANY),
             }),
         }
     }
@@ -275,7 +406,7 @@ impl LeaseManager {
         };
         tokio::spawn(watchdog(
             self.clone(),
-            lease.key.clone(),
+            vec![lease.key.clone()],
             lease.token.clone(),
             ttl,
             lease.lost.clone(),
@@ -304,6 +435,52 @@ impl LeaseManager {
         }
     }
 
+    /// Tries once to take the leases on every key of `keys` together, under one token and one
+    /// fencing token; the keys held by others are left out (see [`LeaseSet::granted`]). The
+    /// granted ones are renewed together by one watchdog, and the set counts as lost as soon as
+    /// any of them is.
+    pub async fn try_acquire_many(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+    ) -> Result<LeaseSet, LeaseError> {
+        if ttl < MIN_TTL {
+            return Err(LeaseError::TtlTooShort);
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let (fence, granted) = if keys.is_empty() {
+            (None, Vec::new())
+        } else {
+            self.store.grant_many(keys, &token, ttl).await?
+        };
+        let held: Vec<String> = keys
+            .iter()
+            .zip(&granted)
+            .filter(|(_, granted)| **granted)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let set = LeaseSet {
+            held,
+            granted,
+            token,
+            fence: fence.unwrap_or(0),
+            lost: CancellationToken::new(),
+            stop_watchdog: CancellationToken::new(),
+            manager: self.clone(),
+        };
+        if !set.held.is_empty() {
+            tokio::spawn(watchdog(
+                self.clone(),
+                set.held.clone(),
+                set.token.clone(),
+                ttl,
+                set.lost.clone(),
+                set.stop_watchdog.clone(),
+            ));
+        }
+        Ok(set)
+    }
+
     /// Extends `key` for `ttl` if `token` still holds it.
     pub async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
         self.store.extend(key, token, ttl).await
@@ -317,7 +494,7 @@ impl LeaseManager {
 
 async fn watchdog(
     manager: LeaseManager,
-    key: String,
+    keys: Vec<String>,
     token: String,
     ttl: Duration,
     lost: CancellationToken,
@@ -330,9 +507,14 @@ async fn watchdog(
             () = tokio::time::sleep(period) => {}
         }
         // A renewal slower than what is left of the lease is as good as a failed one.
-        let renewal = tokio::time::timeout(period, manager.extend(&key, &token, ttl)).await;
+        let renewal =
+            tokio::time::timeout(period, manager.store.extend_many(&keys, &token, ttl)).await;
         if !matches!(renewal, Ok(Ok(true))) {
-            tracing::warn!(key, "lease lost: renewal failed");
+            tracing::warn!(
+                key = keys.first().map(String::as_str),
+                leases = keys.len(),
+                "lease lost: renewal failed"
+            );
             lost.cancel();
             return;
         }
@@ -376,6 +558,63 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_watchdog.cancel();
+    }
+}
+
+/// Leases on many keys granted together: one token, one fencing token, one watchdog. Batches
+/// of work items use it to hold every item's lease for one round trip instead of one each.
+#[derive(Debug)]
+pub struct LeaseSet {
+    held: Vec<String>,
+    granted: Vec<bool>,
+    token: String,
+    fence: u64,
+    lost: CancellationToken,
+    stop_watchdog: CancellationToken,
+    manager: LeaseManager,
+}
+
+impl LeaseSet {
+    /// The fencing token of the grant (0 when nothing was granted).
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Per key asked for, in order: whether this set holds it.
+    pub fn granted(&self) -> &[bool] {
+        &self.granted
+    }
+
+    /// Cancelled the moment any lease of the set is known to be lost.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Stops renewing without releasing (tests play a stalled holder with it).
+    pub fn stop_renewing(&self) {
+        self.stop_watchdog.cancel();
+    }
+
+    /// Releases every lease the set still holds.
+    pub async fn release(self) -> Result<(), LeaseError> {
+        self.stop_watchdog.cancel();
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        self.manager
+            .store
+            .release_many(&self.held, &self.token)
+            .await
+    }
+}
+
+impl Drop for LeaseSet {
     fn drop(&mut self) {
         self.stop_watchdog.cancel();
     }

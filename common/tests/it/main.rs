@@ -166,6 +166,58 @@ async fn extend_and_release_by_a_non_owner_are_refused(leases: LeaseManager) {
     assert!(lease.release().await.unwrap());
 }
 
+async fn a_lease_set_takes_the_free_keys_under_one_fence_and_keeps_them(leases: LeaseManager) {
+    let keys: Vec<String> = (0..5).map(|i| key(&format!("set{i}"))).collect();
+    let ttl = Duration::from_millis(300);
+    let single = leases.try_acquire(&keys[2], ttl).await.unwrap().unwrap();
+    let set = leases.try_acquire_many(&keys, ttl).await.unwrap();
+    assert_eq!(set.granted(), &[true, true, false, true, true]);
+    assert!(
+        set.fence() > single.fence(),
+        "one fence for the set, newer than every earlier grant"
+    );
+    // Renewed together past several ttls.
+    tokio::time::sleep(ttl * 3).await;
+    assert!(!set.lost().is_cancelled());
+    for (i, lock) in keys.iter().enumerate() {
+        assert!(
+            leases.try_acquire(lock, ttl).await.unwrap().is_none(),
+            "key {i} still held"
+        );
+    }
+    assert!(single.release().await.unwrap());
+    assert!(!leases.release(&keys[0], "not-the-token").await.unwrap());
+    set.stop_renewing();
+    tokio::time::timeout(ttl * 2, async {
+        while leases.try_acquire(&keys[0], ttl).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a set that stopped renewing frees its keys after the ttl");
+    // A fresh set over keys nobody holds releases them all at once.
+    let fresh: Vec<String> = (0..3).map(|i| key(&format!("fresh{i}"))).collect();
+    let set = leases.try_acquire_many(&fresh, ttl).await.unwrap();
+    assert_eq!(set.granted(), &[true, true, true]);
+    set.release().await.unwrap();
+    let again = leases.try_acquire_many(&fresh, ttl).await.unwrap();
+    assert_eq!(again.granted(), &[true, true, true]);
+    again.release().await.unwrap();
+}
+
+async fn a_lease_set_is_told_when_one_of_its_leases_is_lost(leases: LeaseManager) {
+    let keys: Vec<String> = (0..3).map(|i| key(&format!("lost{i}"))).collect();
+    let ttl = Duration::from_millis(300);
+    let set = leases.try_acquire_many(&keys, ttl).await.unwrap();
+    let lost = set.lost();
+    // One lease of the set disappears behind the holder's back: the next renewal notices.
+    assert!(leases.release(&keys[1], set.token()).await.unwrap());
+    tokio::time::timeout(ttl, lost.cancelled())
+        .await
+        .expect("the holder is told within one renewal period");
+    set.release().await.unwrap();
+}
+
 /// Runs every contract test against one lease store.
 macro_rules! contract {
     ($store:ident, $make:expr) => {
@@ -196,6 +248,16 @@ macro_rules! contract {
             #[tokio::test]
             async fn a_lost_lease_cancels_its_token_at_once() {
                 super::a_lost_lease_cancels_its_token_at_once($make).await;
+            }
+
+            #[tokio::test]
+            async fn a_lease_set_takes_the_free_keys_under_one_fence_and_keeps_them() {
+                super::a_lease_set_takes_the_free_keys_under_one_fence_and_keeps_them($make).await;
+            }
+
+            #[tokio::test]
+            async fn a_lease_set_is_told_when_one_of_its_leases_is_lost() {
+                super::a_lease_set_is_told_when_one_of_its_leases_is_lost($make).await;
             }
 
             #[tokio::test]
