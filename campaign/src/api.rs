@@ -407,6 +407,118 @@ pub struct RecordClaimBody {
     pub request_id: Option<String>,
 }
 
+/// The most claims one batch call carries.
+pub const MAX_CLAIM_BATCH: usize = 1000;
+
+/// One claim of a batch to record.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RecordClaimItem {
+    /// The claim's id, as the pool handed it off.
+    pub id: String,
+    /// The campaign.
+    pub campaign_id: String,
+    /// The user.
+    pub user_id: String,
+    /// The packet's number.
+    pub packet_seq: u32,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// When the pool granted it (epoch milliseconds).
+    pub grabbed_at_ms: i64,
+    /// The request id of the grab.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// Claims to record together.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RecordClaimsBody {
+    /// 1 to 1,000 claims with distinct ids.
+    pub claims: Vec<RecordClaimItem>,
+}
+
+/// Claims to mark together.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimIdsBody {
+    /// 1 to 1,000 distinct claim ids.
+    pub ids: Vec<String>,
+}
+
+/// The outcome for one claim of a batch.
+#[derive(Debug, Clone, Object)]
+pub struct ClaimBatchItem {
+    /// True when the claim is in the asked state (now or by an earlier request).
+    pub ok: bool,
+    /// HTTP status this claim would have had alone.
+    pub status: u16,
+    /// The claim, when `ok`.
+    #[oai(skip_serializing_if_is_none)]
+    pub claim: Option<ClaimDto>,
+    /// Why it was refused, when not `ok`.
+    #[oai(skip_serializing_if_is_none)]
+    pub error: Option<redpacket_common::problem::ProblemBody>,
+}
+
+/// One outcome per claim of the request, in its order.
+#[derive(Debug, Clone, Object)]
+pub struct ClaimBatchResults {
+    pub results: Vec<ClaimBatchItem>,
+}
+
+fn claim_item(result: Result<claim::Model, CampaignError>) -> ClaimBatchItem {
+    match result {
+        Ok(claim) => ClaimBatchItem {
+            ok: true,
+            status: 200,
+            claim: Some(claim.into()),
+            error: None,
+        },
+        Err(err) => {
+            let problem = Problem::from(err);
+            ClaimBatchItem {
+                ok: false,
+                status: problem.status.as_u16(),
+                claim: None,
+                error: Some(problem.body()),
+            }
+        }
+    }
+}
+
+/// A batch must hold 1 to [`MAX_CLAIM_BATCH`] distinct ids.
+fn check_batch<'a>(
+    field: &'static str,
+    ids: impl ExactSizeIterator<Item = &'a str>,
+) -> Result<(), Problem> {
+    let count = ids.len();
+    if !(1..=MAX_CLAIM_BATCH).contains(&count) {
+        return Err(Problem::unprocessable(
+            "invalid_field",
+            format!("a batch holds 1 to {MAX_CLAIM_BATCH} claims, not {count}"),
+        )
+        .with_field(field));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                format!("claim `{id}` appears twice in the batch"),
+            )
+            .with_field(field));
+        }
+    }
+    Ok(())
+}
+
 /// Why something failed for good.
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(deny_unknown_fields)]
@@ -871,6 +983,53 @@ impl CampaignApi {
             .map_err(CampaignError::from)?;
         Ok(Json(AckResult {
             acked: ids.len() as u64,
+        }))
+    }
+
+    /// Record many claims from the hand-off at once, each as `/claims/{id}/record` would (one
+    /// transaction for the batch). Idempotent by claim id; one outcome per claim.
+    #[oai(path = "/claims/batch/record", method = "post", tag = "ApiTags::Saga")]
+    async fn record_batch(
+        &self,
+        body: StrictJson<RecordClaimsBody>,
+    ) -> Result<Json<ClaimBatchResults>, Problem> {
+        let claims = body.0.claims;
+        check_batch("claims", claims.iter().map(|claim| claim.id.as_str()))?;
+        let mut records = Vec::with_capacity(claims.len());
+        for claim in claims {
+            records.push(ClaimRecord {
+                campaign_id: crate::service::parse_campaign_id(&claim.campaign_id)?,
+                user_id: parse_owner_id("user_id", &claim.user_id)?,
+                id: claim.id,
+                seq: claim.packet_seq,
+                amount: claim.amount,
+                currency: claim.currency,
+                grabbed_at_ms: claim.grabbed_at_ms,
+                request_id: claim.request_id,
+            });
+        }
+        let results = self.service.record_claims(records).await?;
+        Ok(Json(ClaimBatchResults {
+            results: results.into_iter().map(claim_item).collect(),
+        }))
+    }
+
+    /// Mark many recorded claims credited at once, each as `/claims/{id}/credited` would (one
+    /// transaction for the batch). Idempotent; one outcome per claim.
+    #[oai(
+        path = "/claims/batch/credited",
+        method = "post",
+        tag = "ApiTags::Saga"
+    )]
+    async fn credited_batch(
+        &self,
+        body: StrictJson<ClaimIdsBody>,
+    ) -> Result<Json<ClaimBatchResults>, Problem> {
+        let ids: Vec<&str> = body.0.ids.iter().map(String::as_str).collect();
+        check_batch("ids", ids.iter().copied())?;
+        let results = self.service.mark_claims_credited(&ids).await?;
+        Ok(Json(ClaimBatchResults {
+            results: results.into_iter().map(claim_item).collect(),
         }))
     }
 

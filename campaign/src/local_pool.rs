@@ -393,13 +393,22 @@ impl PacketPool for LocalPool {
         }))
     }
 
-    async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError> {
-        self.db
-            .execute_raw(stmt(
-                "UPDATE local_pool_claims SET pending = 0 WHERE claim_id = ? AND campaign_id = ?",
-                vec![claim_id.into(), campaign_id.into()],
-            ))
-            .await?;
+    async fn forget_pending(&self, campaign_id: i64, claim_ids: &[&str]) -> Result<(), PoolError> {
+        // SQLite binds at most 32,766 values per statement; 500 ids stay far below.
+        for chunk in claim_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let mut values: Vec<Value> = vec![campaign_id.into()];
+            values.extend(chunk.iter().map(|id| Value::from(*id)));
+            self.db
+                .execute_raw(stmt(
+                    &format!(
+                        "UPDATE local_pool_claims SET pending = 0 \
+                         WHERE campaign_id = ? AND claim_id IN ({marks})"
+                    ),
+                    values,
+                ))
+                .await?;
+        }
         Ok(())
     }
 

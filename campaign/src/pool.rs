@@ -149,8 +149,8 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
         claim_id: &str,
     ) -> Result<Option<PendingClaim>, PoolError>;
 
-    /// Drops the pending copy once the claim is in the database.
-    async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError>;
+    /// Drops the pending copies of claims of one campaign once they are in the database.
+    async fn forget_pending(&self, campaign_id: i64, claim_ids: &[&str]) -> Result<(), PoolError>;
 
     /// Forgets a settled campaign's pool: every key of it, the hand-off streams and their
     /// registry entries included. Only once no grab can happen and the hand-off is relayed.
@@ -604,9 +604,12 @@ impl PacketPool for RedisPool {
         }))
     }
 
-    async fn forget_pending(&self, campaign_id: i64, claim_id: &str) -> Result<(), PoolError> {
+    async fn forget_pending(&self, campaign_id: i64, claim_ids: &[&str]) -> Result<(), PoolError> {
+        if claim_ids.is_empty() {
+            return Ok(());
+        }
         let key = format!("{}:{{c:{campaign_id}}}:pending", self.prefix);
-        let _: () = self.connection.clone().hdel(key, claim_id).await?;
+        let _: () = self.connection.clone().hdel(key, claim_ids).await?;
         Ok(())
     }
 

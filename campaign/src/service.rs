@@ -1,7 +1,7 @@
 //! The campaign service's operations, independent of HTTP: create, fund, grab, cancel, claims,
 //! stats. The API module turns DTOs into these calls and their errors into problems.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -649,14 +649,75 @@ impl CampaignService {
         }
         let claim = self.store.record_claim(&record).await?;
         self.pool
-            .forget_pending(record.campaign_id, &record.id)
+            .forget_pending(record.campaign_id, &[&record.id])
             .await?;
         Ok(claim)
+    }
+
+    /// Records many claims (distinct ids) from the hand-off, each as [`Self::record_claim`]
+    /// would, with one transaction for the batch: each claim's own answer, in order.
+    pub async fn record_claims(
+        &self,
+        records: Vec<ClaimRecord>,
+    ) -> Result<Vec<Result<claim::Model, CampaignError>>, CampaignError> {
+        let mut answers: Vec<Option<Result<claim::Model, CampaignError>>> = Vec::new();
+        let mut valid = Vec::with_capacity(records.len());
+        for record in records {
+            if campaign_of_claim(&record.id) == Some(record.campaign_id) {
+                answers.push(None);
+                valid.push(record);
+            } else {
+                answers.push(Some(Err(invalid(
+                    "claims",
+                    format!(
+                        "claim id `{}` does not belong to campaign {}",
+                        record.id, record.campaign_id
+                    ),
+                ))));
+            }
+        }
+        let mut recorded = self.store.record_claims(&valid).await?.into_iter();
+        let mut forget: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+        for answer in answers.iter_mut().filter(|answer| answer.is_none()) {
+            let result = recorded
+                .next()
+                .unwrap_or_else(|| Err(StoreError::ClaimMismatch("missing from the batch".into())));
+            *answer = Some(result.map_err(CampaignError::from));
+        }
+        for claim in answers.iter().flatten().flatten() {
+            forget.entry(claim.campaign_id).or_default().push(&claim.id);
+        }
+        for (campaign_id, ids) in forget {
+            self.pool.forget_pending(campaign_id, &ids).await?;
+        }
+        Ok(answers.into_iter().flatten().collect())
     }
 
     pub async fn mark_credited(&self, claim_id: &str) -> Result<claim::Model, CampaignError> {
         self.recorded_claim(claim_id).await?;
         Ok(self.store.mark_credited(claim_id, now_ms()).await?)
+    }
+
+    /// Marks many claims (distinct ids) credited, each as [`Self::mark_credited`] would, with
+    /// one transaction for the batch: each claim's own answer, in order.
+    pub async fn mark_claims_credited(
+        &self,
+        claim_ids: &[&str],
+    ) -> Result<Vec<Result<claim::Model, CampaignError>>, CampaignError> {
+        Ok(self
+            .store
+            .mark_claims_credited(claim_ids, now_ms())
+            .await?
+            .into_iter()
+            .map(|result| {
+                result.map_err(|err| match err {
+                    StoreError::ClaimState(id, status, _) if status == "unrecorded" => {
+                        CampaignError::UnknownClaim(id)
+                    }
+                    other => CampaignError::from(other),
+                })
+            })
+            .collect())
     }
 
     /// Compensates a claim: its packet goes back to the pool while the campaign is live, and

@@ -1,5 +1,7 @@
 //! The campaign database: campaigns, packets, claims, counters and the event outbox.
 
+use std::collections::{BTreeMap, HashMap};
+
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
@@ -18,6 +20,9 @@ const PACKET_INSERT_ROWS: usize = 500;
 pub const STATS_SHARDS: i32 = 16;
 
 /// The counter row a claim counts in.
+/// Rows per statement when claims are read or written in batches.
+const CLAIM_BATCH_ROWS: usize = 200;
+
 fn shard_of(claim_id: &str) -> i32 {
     i32::try_from(crate::pool::fnv1a(claim_id) % u64::from(STATS_SHARDS.unsigned_abs()))
         .unwrap_or(0)
@@ -407,15 +412,7 @@ impl Store {
     /// Records a claim once; a repeat answers the stored claim.
     pub async fn record_claim(&self, record: &ClaimRecord) -> Result<claim::Model, StoreError> {
         if let Some(existing) = self.claim(&record.id).await? {
-            let same = existing.campaign_id == record.campaign_id
-                && existing.user_id == record.user_id
-                && existing.packet_seq == i32::try_from(record.seq).unwrap_or(i32::MAX)
-                && existing.amount == record.amount;
-            return if same {
-                Ok(existing)
-            } else {
-                Err(StoreError::ClaimMismatch(record.id.clone()))
-            };
+            return same_record(existing, record);
         }
         let packet = packet::Entity::find_by_id((
             record.campaign_id,
@@ -426,23 +423,7 @@ impl Store {
         if packet.is_none_or(|packet| packet.amount != record.amount) {
             return Err(StoreError::ClaimMismatch(record.id.clone()));
         }
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let model = claim::Model {
-            id: record.id.clone(),
-            campaign_id: record.campaign_id,
-            user_id: record.user_id.clone(),
-            packet_seq: i32::try_from(record.seq).unwrap_or(i32::MAX),
-            amount: record.amount,
-            currency: record.currency.clone(),
-            status: claim_status::PENDING.to_owned(),
-            reason: None,
-            request_id: record.request_id.clone(),
-            grabbed_at_ms: record.grabbed_at_ms,
-            recorded_at_ms: now_ms,
-            credited_at_ms: None,
-            compensated_at_ms: None,
-            returned_to_pool: false,
-        };
+        let model = pending_claim(record, chrono::Utc::now().timestamp_millis());
         let txn = self.db.begin().await?;
         let inserted = claim::Entity::insert(claim_active_model(&model))
             .on_conflict(
@@ -475,6 +456,177 @@ impl Store {
 
     pub async fn claim(&self, id: &str) -> Result<Option<claim::Model>, StoreError> {
         Ok(claim::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// The claims among `ids` that exist, by id.
+    async fn claims_by_id(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, claim::Model>, StoreError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(CLAIM_BATCH_ROWS) {
+            for claim in claim::Entity::find()
+                .filter(claim::Column::Id.is_in(chunk.iter().copied()))
+                .all(&self.db)
+                .await?
+            {
+                found.insert(claim.id.clone(), claim);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records many claims (distinct ids) at once: what [`Store::record_claim`] does for each,
+    /// in one transaction with one counter update per campaign. A claim recorded concurrently
+    /// by another call makes the batch's insert fail as a whole; the claims are then recorded
+    /// one by one, so every answer is still exact. The outer error is the database's; the inner
+    /// ones are each claim's.
+    pub async fn record_claims(
+        &self,
+        records: &[ClaimRecord],
+    ) -> Result<Vec<Result<claim::Model, StoreError>>, StoreError> {
+        let ids: Vec<&str> = records.iter().map(|record| record.id.as_str()).collect();
+        let mut existing = self.claims_by_id(&ids).await?;
+        let mut seqs: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
+        for record in records.iter().filter(|r| !existing.contains_key(&r.id)) {
+            seqs.entry(record.campaign_id)
+                .or_default()
+                .push(i32::try_from(record.seq).unwrap_or(i32::MAX));
+        }
+        let mut amounts: HashMap<(i64, i32), i64> = HashMap::new();
+        for (campaign_id, seqs) in seqs {
+            for chunk in seqs.chunks(CLAIM_BATCH_ROWS) {
+                for packet in packet::Entity::find()
+                    .filter(packet::Column::CampaignId.eq(campaign_id))
+                    .filter(packet::Column::Seq.is_in(chunk.iter().copied()))
+                    .all(&self.db)
+                    .await?
+                {
+                    amounts.insert((packet.campaign_id, packet.seq), packet.amount);
+                }
+            }
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut results: Vec<Option<Result<claim::Model, StoreError>>> = Vec::new();
+        let mut fresh: Vec<(usize, claim::Model)> = Vec::new();
+        for (index, record) in records.iter().enumerate() {
+            let packet = (
+                record.campaign_id,
+                i32::try_from(record.seq).unwrap_or(i32::MAX),
+            );
+            results.push(if let Some(claim) = existing.remove(&record.id) {
+                Some(same_record(claim, record))
+            } else if amounts.get(&packet) == Some(&record.amount) {
+                fresh.push((index, pending_claim(record, now_ms)));
+                None
+            } else {
+                Some(Err(StoreError::ClaimMismatch(record.id.clone())))
+            });
+        }
+        if !fresh.is_empty() {
+            let models: Vec<&claim::Model> = fresh.iter().map(|(_, model)| model).collect();
+            if self.insert_claims(&models).await? {
+                for (index, model) in fresh {
+                    results[index] = Some(Ok(model));
+                }
+            } else {
+                for (index, _) in fresh {
+                    results[index] = Some(self.record_claim(&records[index]).await);
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// Inserts new claims and counts them as recorded, in one transaction; false (and nothing
+    /// written) when one of them exists already.
+    async fn insert_claims(&self, models: &[&claim::Model]) -> Result<bool, StoreError> {
+        let txn = self.db.begin().await?;
+        for chunk in models.chunks(CLAIM_BATCH_ROWS) {
+            // A plain insert: a duplicate fails it, and its count of rows is exact everywhere.
+            let inserted = claim::Entity::insert_many(chunk.iter().map(|m| claim_active_model(m)))
+                .exec_without_returning(&txn)
+                .await;
+            if inserted.is_err() {
+                txn.rollback().await?;
+                return Ok(false);
+            }
+        }
+        bump_campaigns(
+            &txn,
+            models,
+            stats::Column::PacketsRecorded,
+            stats::Column::AmountRecorded,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// Marks many claims (distinct ids) credited at once: what [`Store::mark_credited`] does
+    /// for each, in one transaction with one counter update per campaign. When a claim moved
+    /// concurrently, they are marked one by one instead, so every answer is exact.
+    pub async fn mark_claims_credited(
+        &self,
+        ids: &[&str],
+        now_ms: i64,
+    ) -> Result<Vec<Result<claim::Model, StoreError>>, StoreError> {
+        let mut current = self.claims_by_id(ids).await?;
+        let mut results: Vec<Option<Result<claim::Model, StoreError>>> = Vec::new();
+        let mut pending: Vec<(usize, claim::Model)> = Vec::new();
+        for (index, id) in ids.iter().enumerate() {
+            results.push(match current.remove(*id) {
+                None => Some(Err(StoreError::ClaimState(
+                    (*id).to_owned(),
+                    "unrecorded".into(),
+                    claim_status::CREDITED,
+                ))),
+                Some(claim) if claim.status == claim_status::CREDITED => Some(Ok(claim)),
+                Some(claim) if claim.status != claim_status::PENDING => Some(Err(
+                    StoreError::ClaimState(claim.id, claim.status, claim_status::CREDITED),
+                )),
+                Some(claim) => {
+                    pending.push((index, claim));
+                    None
+                }
+            });
+        }
+        if !pending.is_empty() {
+            let txn = self.db.begin().await?;
+            let mut moved = 0;
+            for chunk in pending.chunks(CLAIM_BATCH_ROWS) {
+                moved += claim::Entity::update_many()
+                    .col_expr(claim::Column::Status, Expr::value(claim_status::CREDITED))
+                    .col_expr(claim::Column::CreditedAtMs, Expr::value(now_ms))
+                    .filter(claim::Column::Id.is_in(chunk.iter().map(|(_, c)| c.id.as_str())))
+                    .filter(claim::Column::Status.eq(claim_status::PENDING))
+                    .exec(&txn)
+                    .await?
+                    .rows_affected;
+            }
+            if moved == pending.len() as u64 {
+                let models: Vec<&claim::Model> = pending.iter().map(|(_, c)| c).collect();
+                bump_campaigns(
+                    &txn,
+                    &models,
+                    stats::Column::PacketsCredited,
+                    stats::Column::AmountCredited,
+                )
+                .await?;
+                txn.commit().await?;
+                for (index, mut claim) in pending {
+                    claim.status = claim_status::CREDITED.to_owned();
+                    claim.credited_at_ms = Some(now_ms);
+                    results[index] = Some(Ok(claim));
+                }
+            } else {
+                txn.rollback().await?;
+                for (index, claim) in pending {
+                    results[index] = Some(self.mark_credited(&claim.id, now_ms).await);
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// `pending` → `credited`; already credited is a no-op.
@@ -661,14 +813,87 @@ async fn bump(
     amount: stats::Column,
     by: i64,
 ) -> Result<(), DbErr> {
+    bump_shard(
+        txn,
+        (campaign_id, shard_of(claim_id)),
+        packets,
+        amount,
+        (1, by),
+    )
+    .await
+}
+
+/// Adds `(count, sum)` to one shard of a campaign's counters.
+async fn bump_shard(
+    txn: &impl ConnectionTrait,
+    (campaign_id, shard): (i64, i32),
+    packets: stats::Column,
+    amount: stats::Column,
+    (count, sum): (i64, i64),
+) -> Result<(), DbErr> {
     stats::Entity::update_many()
-        .col_expr(packets, Expr::col(packets).add(1))
-        .col_expr(amount, Expr::col(amount).add(by))
+        .col_expr(packets, Expr::col(packets).add(count))
+        .col_expr(amount, Expr::col(amount).add(sum))
         .filter(stats::Column::CampaignId.eq(campaign_id))
-        .filter(stats::Column::Shard.eq(shard_of(claim_id)))
+        .filter(stats::Column::Shard.eq(shard))
         .exec(txn)
         .await?;
     Ok(())
+}
+
+/// Counts a batch of claims into their campaigns' counters: one update per campaign, on the
+/// shard of its first claim (the counters are sums over shards; any shard serves).
+async fn bump_campaigns(
+    txn: &impl ConnectionTrait,
+    claims: &[&claim::Model],
+    packets: stats::Column,
+    amount: stats::Column,
+) -> Result<(), DbErr> {
+    let mut totals: BTreeMap<i64, (i32, i64, i64)> = BTreeMap::new();
+    for claim in claims {
+        let entry = totals
+            .entry(claim.campaign_id)
+            .or_insert((shard_of(&claim.id), 0, 0));
+        entry.1 += 1;
+        entry.2 += claim.amount;
+    }
+    for (campaign_id, (shard, count, sum)) in totals {
+        bump_shard(txn, (campaign_id, shard), packets, amount, (count, sum)).await?;
+    }
+    Ok(())
+}
+
+/// An earlier record of a claim answers a repeat only when it is the same claim.
+fn same_record(existing: claim::Model, record: &ClaimRecord) -> Result<claim::Model, StoreError> {
+    let same = existing.campaign_id == record.campaign_id
+        && existing.user_id == record.user_id
+        && existing.packet_seq == i32::try_from(record.seq).unwrap_or(i32::MAX)
+        && existing.amount == record.amount;
+    if same {
+        Ok(existing)
+    } else {
+        Err(StoreError::ClaimMismatch(record.id.clone()))
+    }
+}
+
+/// A claim as first recorded: pending.
+fn pending_claim(record: &ClaimRecord, now_ms: i64) -> claim::Model {
+    claim::Model {
+        id: record.id.clone(),
+        campaign_id: record.campaign_id,
+        user_id: record.user_id.clone(),
+        packet_seq: i32::try_from(record.seq).unwrap_or(i32::MAX),
+        amount: record.amount,
+        currency: record.currency.clone(),
+        status: claim_status::PENDING.to_owned(),
+        reason: None,
+        request_id: record.request_id.clone(),
+        grabbed_at_ms: record.grabbed_at_ms,
+        recorded_at_ms: now_ms,
+        credited_at_ms: None,
+        compensated_at_ms: None,
+        returned_to_pool: false,
+    }
 }
 
 async fn insert_event(

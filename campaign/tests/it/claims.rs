@@ -323,3 +323,147 @@ async fn after_the_end_stats_equal_the_database_and_settle(setup: Setup) {
     app.stop().await;
 }
 on_every_pool!(after_the_end_stats_equal_the_database_and_settle);
+
+fn record_item(id: &str, claim: &str, user: &str, seq: u32, amount: i64) -> Value {
+    json!({
+        "id": claim,
+        "campaign_id": id,
+        "user_id": user,
+        "packet_seq": seq,
+        "amount": amount,
+        "currency": "CNY",
+        "grabbed_at_ms": chrono::Utc::now().timestamp_millis(),
+    })
+}
+
+async fn batch_results(app: &crate::helpers::TestApp, path: &str, body: &Value) -> Vec<Value> {
+    let response = app.post(path, body).await;
+    assert_eq!(response.status(), 200, "{path}");
+    let answer: Value = response.json().await.unwrap();
+    answer["results"].as_array().unwrap().clone()
+}
+
+async fn claims_are_recorded_and_credited_in_batches_exactly(setup: Setup) {
+    let app = Arc::new(spawn_app(setup).await);
+    let id = app.create(&campaign_body(2_000, 20, 1)).await;
+    app.fund_and_open(&id).await;
+    let users: Vec<String> = (0..12).map(|i| format!("b{i}")).collect();
+    for user in &users {
+        assert_eq!(app.grab(&id, user).await.status(), 200);
+    }
+    let handoff = app.handoff(&id, 4).await;
+    assert_eq!(handoff.len(), 12);
+    let items: Vec<Value> = handoff
+        .iter()
+        .map(|(claim, user, seq, amount)| record_item(&id, claim, user, *seq, *amount))
+        .collect();
+    let reconciled = |app: Arc<crate::helpers::TestApp>| async move {
+        let reconciliation = app.get_json("/reconciliation").await;
+        let checks = reconciliation["checks"].as_array().unwrap();
+        assert!(checks.iter().all(|c| c["ok"] == true), "{reconciliation}");
+    };
+
+    // Bad batches are refused whole and change nothing.
+    for (body, field) in [
+        (json!({"claims": []}), "claims"),
+        (json!({"claims": [items[0], items[0]]}), "claims"),
+        (json!({"claims": vec![items[0].clone(); 1001]}), "claims"),
+        (json!({"ids": []}), "ids"),
+        (json!({"ids": ["a", "a"]}), "ids"),
+    ] {
+        let path = if field == "ids" {
+            "/claims/batch/credited"
+        } else {
+            "/claims/batch/record"
+        };
+        assert_problem(
+            app.post(path, &body).await,
+            422,
+            "invalid_field",
+            Some(field),
+        )
+        .await;
+    }
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_in_flight"], 12, "nothing recorded yet");
+
+    // Four recorded one by one first: the batch mixes old and new claims.
+    for item in &items[..4] {
+        let claim = item["id"].as_str().unwrap();
+        let mut single = item.clone();
+        single.as_object_mut().unwrap().remove("id");
+        assert_eq!(
+            app.post(&format!("/claims/{claim}/record"), &single)
+                .await
+                .status(),
+            200
+        );
+    }
+    // A claim naming the wrong amount and one of another campaign fail alone.
+    let mut wrong = items[4].clone();
+    let lead = if handoff[4].0.starts_with('a') {
+        "b"
+    } else {
+        "a"
+    };
+    wrong["id"] = json!(format!("{lead}{}", &handoff[4].0[1..]));
+    wrong["amount"] = json!(handoff[4].3 + 1);
+    let mut batch = items.clone();
+    batch.push(wrong);
+    // Two overlapping batches race: every claim is recorded and counted once.
+    let (all, overlap) = (json!({"claims": batch}), json!({"claims": &items[2..]}));
+    let (first, second) = tokio::join!(
+        batch_results(&app, "/claims/batch/record", &all),
+        batch_results(&app, "/claims/batch/record", &overlap),
+    );
+    assert_eq!(first.len(), 13);
+    for result in first[..12].iter().chain(&second) {
+        assert_eq!(result["ok"], true, "{result}");
+        assert_eq!(result["claim"]["status"], "pending");
+    }
+    assert_eq!(first[12]["ok"], false);
+    assert_eq!(first[12]["status"], 409, "{}", first[12]);
+    assert_eq!(first[12]["error"]["code"], "claim_state");
+    assert_eq!(first[3]["claim"]["id"], items[3]["id"]);
+    reconciled(app.clone()).await;
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(
+        stats["packets_in_flight"], 12,
+        "recorded claims are still in flight"
+    );
+
+    // Two compensated one by one; the batch marks the others credited, twice at once.
+    for (claim, ..) in &handoff[..2] {
+        let response = app
+            .post(
+                &format!("/claims/{claim}/compensated"),
+                &json!({"reason": "test"}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    let mut ids: Vec<String> = handoff.iter().map(|(claim, ..)| claim.clone()).collect();
+    ids.push("9".repeat(30));
+    let (all, overlap) = (json!({"ids": ids}), json!({"ids": &ids[5..12]}));
+    let (first, second) = tokio::join!(
+        batch_results(&app, "/claims/batch/credited", &all),
+        batch_results(&app, "/claims/batch/credited", &overlap),
+    );
+    for result in &first[..2] {
+        assert_eq!(result["ok"], false);
+        assert_eq!(result["status"], 409, "{result}");
+    }
+    for result in first[2..12].iter().chain(&second) {
+        assert_eq!(result["ok"], true, "{result}");
+        assert_eq!(result["claim"]["status"], "credited");
+    }
+    assert_eq!(first[12]["status"], 404);
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    let credited: i64 = handoff[2..].iter().map(|h| h.3).sum();
+    assert_eq!(stats["packets_credited"], 10);
+    assert_eq!(stats["amount_credited"], credited);
+    assert_eq!(stats["packets_in_flight"], 0);
+    reconciled(app.clone()).await;
+    Arc::into_inner(app).unwrap().stop().await;
+}
+on_every_pool!(claims_are_recorded_and_credited_in_batches_exactly);
