@@ -1,63 +1,84 @@
-//! Credits from many sagas gathered into the wallet's batch endpoint.
+//! Work items from many sagas gathered into batches.
 //!
-//! A saga hands its credit to the batcher and waits for that credit's own result. The batcher
-//! sends a batch when it holds `max_batch` credits or when the first credit has waited
-//! `linger`, whichever comes first, so a quiet saga waits at most `linger` and a busy hot
-//! campaign is credited in batches of up to 1,000 transfers per database transaction.
+//! A caller hands its item to a [`Batcher`] and waits for that item's own answer. The batcher
+//! sends a batch when it holds `max_batch` items or when the first item has waited `linger`,
+//! whichever comes first, so a quiet saga waits at most `linger` and a busy hot campaign is
+//! served in batches of up to [`MAX_BATCH`] items. At most `in_flight` batches run at once;
+//! while they do, the next batch keeps gathering, so batches grow with the load (group commit).
+//!
+//! Two batchers serve the sagas: whole grab sagas (see `Engine::handle_grabs`) and, for the
+//! sagas driven one by one, their credits through the wallet's batch endpoint.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::clients::{StepError, Transfer, WalletClient};
 
-/// The wallet's bound on a batch.
+/// The most items in one batch: the wallet's and the campaign service's bound on a batch call.
 pub const MAX_BATCH: usize = 1000;
-/// Credits waiting for a batch at most; senders wait when it is full.
+/// Items waiting for a batch at most; callers wait when it is full.
 const QUEUE_BOUND: usize = 10_000;
 
-type Job = (Transfer, oneshot::Sender<Result<(), StepError>>);
+type Job<I, O> = (I, oneshot::Sender<O>);
 
-/// Hands credits to the batching task.
-#[derive(Debug, Clone)]
-pub struct CreditBatcher {
-    jobs: mpsc::Sender<Job>,
+/// Hands items to a batching task; each caller gets its own item's answer.
+#[derive(Debug)]
+pub struct Batcher<I, O> {
+    jobs: mpsc::Sender<Job<I, O>>,
 }
 
-impl CreditBatcher {
-    /// Starts the batching task. `max_batch` 1 sends every credit on its own (one transfer per
-    /// request), the baseline the batching is measured against.
-    pub fn start(wallet: WalletClient, max_batch: usize, linger: Duration) -> Self {
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Batcher {
+            jobs: self.jobs.clone(),
+        }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts the batching task. `apply` takes a batch and answers one output per item, in
+    /// order; an item it leaves unanswered gets `None` from [`Batcher::submit`].
+    pub fn start<F, Fut>(max_batch: usize, linger: Duration, in_flight: usize, apply: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
         let (jobs, receiver) = mpsc::channel(QUEUE_BOUND);
-        tokio::spawn(run(wallet, receiver, max_batch.clamp(1, MAX_BATCH), linger));
-        CreditBatcher { jobs }
+        tokio::spawn(run(
+            receiver,
+            max_batch.clamp(1, MAX_BATCH),
+            linger,
+            in_flight.max(1),
+            Arc::new(apply),
+        ));
+        Batcher { jobs }
     }
 
-    /// Applies one credit, batched with others; its own result.
-    pub async fn credit(&self, transfer: Transfer) -> Result<(), StepError> {
+    /// Hands one item over and waits for its answer; `None` when the batcher stopped or the
+    /// batch gave no answer for it.
+    pub async fn submit(&self, item: I) -> Option<O> {
         let (answer, result) = oneshot::channel();
-        self.jobs
-            .send((transfer, answer))
-            .await
-            .map_err(|_| StepError::transient("the credit batcher stopped"))?;
-        result
-            .await
-            .unwrap_or_else(|_| Err(StepError::transient("the credit batcher dropped a credit")))
+        self.jobs.send((item, answer)).await.ok()?;
+        result.await.ok()
     }
 }
 
-/// Wallet batch calls in flight at once. Credits of a hot campaign all lock its one escrow
-/// row, so more concurrent batches would only queue on that lock; instead, while batches are in
-/// flight, the next one keeps gathering, and batches grow with the load (group commit).
-const MAX_IN_FLIGHT: usize = 2;
-
-async fn run(
-    wallet: WalletClient,
-    mut receiver: mpsc::Receiver<Job>,
+async fn run<I, O, F, Fut>(
+    mut receiver: mpsc::Receiver<Job<I, O>>,
     max_batch: usize,
     linger: Duration,
-) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    in_flight: usize,
+    apply: Arc<F>,
+) where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<O>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(in_flight));
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
@@ -77,21 +98,58 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let wallet = wallet.clone();
+        let apply = apply.clone();
         tokio::spawn(async move {
-            let transfers: Vec<Transfer> = batch.iter().map(|(t, _)| t.clone()).collect();
-            let results = if transfers.len() == 1 {
-                vec![wallet.transfer(&transfers[0], "").await.map(|_| ())]
-            } else {
-                match wallet.transfer_batch(&transfers).await {
-                    Ok(results) => results,
-                    Err(err) => vec![Err(err); transfers.len()],
-                }
-            };
+            let (items, answers): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
+            let outputs = apply(items).await;
             drop(slot);
-            for ((_, answer), result) in batch.into_iter().zip(results) {
-                let _ = answer.send(result);
+            for (answer, output) in answers.into_iter().zip(outputs) {
+                let _ = answer.send(output);
             }
         });
+    }
+}
+
+/// Wallet batch calls in flight at once. Credits of a hot campaign all lock its one escrow
+/// row, so more concurrent batches would only queue on that lock.
+const CREDITS_IN_FLIGHT: usize = 2;
+
+/// Credits from sagas driven one by one, gathered into the wallet's batch endpoint.
+#[derive(Debug, Clone)]
+pub struct CreditBatcher {
+    batcher: Batcher<Transfer, Result<(), StepError>>,
+}
+
+impl CreditBatcher {
+    /// Starts the credit batcher. `max_batch` 1 sends every credit on its own (one transfer per
+    /// request), the baseline the batching is measured against.
+    pub fn start(wallet: WalletClient, max_batch: usize, linger: Duration) -> Self {
+        let batcher = Batcher::start(max_batch, linger, CREDITS_IN_FLIGHT, move |transfers| {
+            let wallet = wallet.clone();
+            async move { credit_all(&wallet, &transfers).await }
+        });
+        CreditBatcher { batcher }
+    }
+
+    /// Applies one credit, batched with others; its own result.
+    pub async fn credit(&self, transfer: Transfer) -> Result<(), StepError> {
+        self.batcher
+            .submit(transfer)
+            .await
+            .unwrap_or_else(|| Err(StepError::transient("the credit batcher dropped a credit")))
+    }
+}
+
+/// Applies transfers, one request for the lot: each transfer's own result, in order.
+pub async fn credit_all(
+    wallet: &WalletClient,
+    transfers: &[Transfer],
+) -> Vec<Result<(), StepError>> {
+    if let [transfer] = transfers {
+        return vec![wallet.transfer(transfer, "").await.map(|_| ())];
+    }
+    match wallet.transfer_batch(transfers).await {
+        Ok(results) => results,
+        Err(err) => vec![Err(err); transfers.len()],
     }
 }

@@ -84,11 +84,53 @@ struct BatchResults {
     results: Vec<BatchItem>,
 }
 
+/// One outcome of a batch call (the wallet's transfers, the campaign's claims): what the
+/// item's own call would have answered.
 #[derive(Debug, Deserialize)]
 struct BatchItem {
     ok: bool,
     status: u16,
+    #[serde(default)]
+    claim: Option<Value>,
     error: Option<Value>,
+}
+
+/// Sends a batch call and sorts its answer into one result per item, in order.
+async fn send_batch(
+    request: reqwest::RequestBuilder,
+    items: usize,
+) -> Result<Vec<Result<Value, StepError>>, StepError> {
+    let response = request.send().await.map_err(from_reqwest)?;
+    if !response.status().is_success() {
+        return Err(refusal(response).await);
+    }
+    let results: BatchResults = response.json().await.map_err(from_reqwest)?;
+    if results.results.len() != items {
+        return Err(StepError::transient(
+            "a batch was answered with the wrong number of results",
+        ));
+    }
+    Ok(results
+        .results
+        .into_iter()
+        .map(|item| {
+            if item.ok {
+                Ok(item.claim.unwrap_or(Value::Null))
+            } else {
+                let error = item.error.unwrap_or(Value::Null);
+                let code = error["code"].as_str().unwrap_or("unknown").to_owned();
+                let detail = error["detail"].as_str().unwrap_or_default().to_owned();
+                if item.status >= 500 || item.status == 429 {
+                    Err(StepError::Transient(format!(
+                        "{} {code}: {detail}",
+                        item.status
+                    )))
+                } else {
+                    Err(StepError::Permanent { code, detail })
+                }
+            }
+        })
+        .collect())
 }
 
 impl WalletClient {
@@ -121,40 +163,15 @@ impl WalletClient {
     ) -> Result<Vec<Result<(), StepError>>, StepError> {
         let body =
             json!({"transfers": transfers.iter().map(Transfer::to_json).collect::<Vec<_>>()});
-        let response = self
+        let request = self
             .http
             .post(format!("{}/transfers/batch", self.base))
             .timeout(CALL_TIMEOUT)
-            .json(&body)
-            .send()
-            .await
-            .map_err(from_reqwest)?;
-        if !response.status().is_success() {
-            return Err(refusal(response).await);
-        }
-        let results: BatchResults = response.json().await.map_err(from_reqwest)?;
-        if results.results.len() != transfers.len() {
-            return Err(StepError::transient(
-                "the wallet answered a batch with the wrong number of results",
-            ));
-        }
-        Ok(results
-            .results
+            .json(&body);
+        Ok(send_batch(request, transfers.len())
+            .await?
             .into_iter()
-            .map(|item| {
-                if item.ok {
-                    Ok(())
-                } else {
-                    let error = item.error.unwrap_or(Value::Null);
-                    let code = error["code"].as_str().unwrap_or("unknown").to_owned();
-                    let detail = error["detail"].as_str().unwrap_or_default().to_owned();
-                    if item.status >= 500 {
-                        Err(StepError::Transient(detail))
-                    } else {
-                        Err(StepError::Permanent { code, detail })
-                    }
-                }
-            })
+            .map(|result| result.map(|_| ()))
             .collect())
     }
 
@@ -211,6 +228,32 @@ impl CampaignClient {
         send(
             self.post(&format!("/claims/{claim_id}/record"), request_id)
                 .json(body),
+        )
+        .await
+    }
+
+    /// Records many claims (each a `record` body with its `id`): one result per claim.
+    pub async fn record_claims(
+        &self,
+        claims: &[Value],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
+        send_batch(
+            self.post("/claims/batch/record", "")
+                .json(&json!({ "claims": claims })),
+            claims.len(),
+        )
+        .await
+    }
+
+    /// Marks many recorded claims credited: one result per claim.
+    pub async fn mark_claims_credited(
+        &self,
+        claim_ids: &[&str],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
+        send_batch(
+            self.post("/claims/batch/credited", "")
+                .json(&json!({ "ids": claim_ids })),
+            claim_ids.len(),
         )
         .await
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redpacket_common::lease::LeaseManager;
 use redpacket_common::messages::{Envelope, SagaEvent};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::batcher::CreditBatcher;
 use crate::clients::{CampaignClient, StepError, Transfer, WalletClient};
@@ -41,6 +41,10 @@ pub struct Engine {
     pub lease_prefix: String,
     /// How long a crashed executor keeps a saga locked.
     pub lease_ttl: Duration,
+    /// Grab sagas (and credits) per batch; 1 drives every saga on its own.
+    pub batch: usize,
+    /// The longest a grab waits for its batch to fill.
+    pub linger: Duration,
 }
 
 fn escrow(campaign_id: &str) -> String {
@@ -48,15 +52,16 @@ fn escrow(campaign_id: &str) -> String {
 }
 
 impl Engine {
+    pub(crate) fn lease_key(&self, saga_id: &str) -> String {
+        format!("{}:saga:{saga_id}", self.lease_prefix)
+    }
+
     /// Handles one message.
     pub async fn handle(&self, envelope: &Envelope) -> Outcome {
         let saga_id = envelope.event.saga_id();
         let lease = match self
             .leases
-            .try_acquire(
-                &format!("{}:saga:{saga_id}", self.lease_prefix),
-                self.lease_ttl,
-            )
+            .try_acquire(&self.lease_key(&saga_id), self.lease_ttl)
             .await
         {
             Ok(Some(lease)) => lease,
@@ -79,12 +84,12 @@ impl Engine {
         {
             Ok(Some(saga)) if state::is_terminal(&saga.state) => Outcome::Done,
             Ok(Some(saga)) => {
-                let run = Run {
-                    engine: self,
-                    saga_id: &saga_id,
+                let run = Run::new(
+                    self,
+                    saga_id.clone(),
                     fence,
-                    request_id: envelope.request_id.as_deref().unwrap_or(""),
-                };
+                    envelope.request_id.as_deref().unwrap_or(""),
+                );
                 let lost = lease.lost();
                 tokio::select! {
                     outcome = run.drive(&envelope.event, &saga.step) => outcome,
@@ -106,9 +111,9 @@ impl Engine {
 }
 
 /// One execution of one saga under one fencing token.
-struct Run<'a> {
+pub(crate) struct Run<'a> {
     engine: &'a Engine,
-    saga_id: &'a str,
+    saga_id: String,
     fence: i64,
     request_id: &'a str,
 }
@@ -123,20 +128,88 @@ enum Next {
 }
 
 fn transient_or_dead(err: StepError) -> Next {
+    Next::Stop(step_outcome(err))
+}
+
+/// A failed step's outcome: retry what may pass later, dead-letter what never will.
+pub(crate) fn step_outcome(err: StepError) -> Outcome {
     match err {
-        StepError::Transient(reason) => Next::Stop(Outcome::Retry(reason)),
-        StepError::Permanent { code, detail } => {
-            Next::Stop(Outcome::Dead(format!("{code}: {detail}")))
-        }
+        StepError::Transient(reason) => Outcome::Retry(reason),
+        StepError::Permanent { code, detail } => Outcome::Dead(format!("{code}: {detail}")),
     }
 }
 
-impl Run<'_> {
+/// A grab's two requests: its claim record for the campaign service (without the claim id)
+/// and its credit, escrow → user, with a transfer id derived from the claim.
+pub(crate) fn grab_requests(event: &SagaEvent, request_id: &str) -> Option<(Value, Transfer)> {
+    let SagaEvent::GrabClaimed {
+        claim_id,
+        campaign_id,
+        user_id,
+        packet_seq,
+        amount,
+        currency,
+        grabbed_at_ms,
+    } = event
+    else {
+        return None;
+    };
+    let record = json!({
+        "campaign_id": campaign_id, "user_id": user_id, "packet_seq": packet_seq,
+        "amount": amount, "currency": currency, "grabbed_at_ms": grabbed_at_ms,
+        "request_id": request_id,
+    });
+    let credit = Transfer {
+        id: format!("grab:{claim_id}"),
+        debit: escrow(campaign_id),
+        credit: format!("user:{user_id}"),
+        amount: *amount,
+        currency: currency.clone(),
+    };
+    Some((record, credit))
+}
+
+impl<'a> Run<'a> {
+    pub(crate) fn new(
+        engine: &'a Engine,
+        saga_id: String,
+        fence: i64,
+        request_id: &'a str,
+    ) -> Self {
+        Run {
+            engine,
+            saga_id,
+            fence,
+            request_id,
+        }
+    }
+
+    /// Turns the saga to an undoing step, recording why, and drives it from there.
+    pub(crate) async fn undo(&self, event: &SagaEvent, to: &str, reason: String) -> Outcome {
+        match self
+            .engine
+            .store
+            .advance(
+                &self.saga_id,
+                self.fence,
+                to,
+                state::RUNNING,
+                Some(&reason),
+            )
+            .await
+        {
+            Ok(true) => self.drive(event, to).await,
+            // A newer executor took over: stop without touching anything.
+            Ok(false) => Outcome::Done,
+            Err(err) => Outcome::Retry(format!("saga store: {err}")),
+        }
+    }
+
     /// The reason stored with the saga when it turned to compensation.
     async fn recorded_reason(&self, fallback: &str) -> String {
         self.engine
             .store
-            .get(self.saga_id)
+            .get(&self.saga_id)
             .await
             .ok()
             .flatten()
@@ -144,7 +217,7 @@ impl Run<'_> {
             .unwrap_or_else(|| fallback.to_owned())
     }
 
-    async fn drive(&self, event: &SagaEvent, from: &str) -> Outcome {
+    pub(crate) async fn drive(&self, event: &SagaEvent, from: &str) -> Outcome {
         let mut step: String = from.to_owned();
         // Bounded: every saga has at most four steps.
         for _ in 0..8 {
@@ -164,7 +237,7 @@ impl Run<'_> {
                 Next::Step(to) => match self
                     .engine
                     .store
-                    .advance(self.saga_id, self.fence, to, state::RUNNING, None)
+                    .advance(&self.saga_id, self.fence, to, state::RUNNING, None)
                     .await
                 {
                     Ok(true) => step = to.to_owned(),
@@ -175,7 +248,7 @@ impl Run<'_> {
                 Next::Undo(to, reason) => match self
                     .engine
                     .store
-                    .advance(self.saga_id, self.fence, to, state::RUNNING, Some(&reason))
+                    .advance(&self.saga_id, self.fence, to, state::RUNNING, Some(&reason))
                     .await
                 {
                     Ok(true) => step = to.to_owned(),
@@ -187,7 +260,7 @@ impl Run<'_> {
                         .engine
                         .store
                         .advance(
-                            self.saga_id,
+                            &self.saga_id,
                             self.fence,
                             "done",
                             final_state,
@@ -206,63 +279,38 @@ impl Run<'_> {
     }
 
     async fn grab_step(&self, event: &SagaEvent, step: &str) -> Next {
-        let SagaEvent::GrabClaimed {
-            claim_id,
-            campaign_id,
-            user_id,
-            packet_seq,
-            amount,
-            currency,
-            grabbed_at_ms,
-        } = event
+        let (SagaEvent::GrabClaimed { claim_id, .. }, Some((record, transfer))) =
+            (event, grab_requests(event, self.request_id))
         else {
             return Next::Stop(Outcome::Dead("not a grab".into()));
         };
         let campaign = &self.engine.campaign;
         match step {
-            "start" | "record" => {
-                let body = json!({
-                    "campaign_id": campaign_id, "user_id": user_id, "packet_seq": packet_seq,
-                    "amount": amount, "currency": currency, "grabbed_at_ms": grabbed_at_ms,
-                    "request_id": self.request_id,
-                });
-                match campaign
-                    .record_claim(claim_id, &body, self.request_id)
-                    .await
-                {
-                    Ok(claim) if claim["status"] == "credited" => {
-                        Next::Finish(state::COMPLETED, None)
-                    }
-                    Ok(claim) if claim["status"] == "compensated" => {
-                        Next::Finish(state::COMPENSATED, None)
-                    }
-                    Ok(_) => Next::Step("credit"),
-                    Err(err) => transient_or_dead(err),
+            "start" | "record" => match campaign
+                .record_claim(claim_id, &record, self.request_id)
+                .await
+            {
+                Ok(claim) if claim["status"] == "credited" => Next::Finish(state::COMPLETED, None),
+                Ok(claim) if claim["status"] == "compensated" => {
+                    Next::Finish(state::COMPENSATED, None)
                 }
-            }
-            "credit" => {
-                let transfer = Transfer {
-                    id: format!("grab:{claim_id}"),
-                    debit: escrow(campaign_id),
-                    credit: format!("user:{user_id}"),
-                    amount: *amount,
-                    currency: currency.clone(),
-                };
-                match self.engine.batcher.credit(transfer).await {
-                    Ok(()) => Next::Step("mark_credited"),
-                    Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
-                    // The wallet refused for good: undo the grab.
-                    Err(StepError::Permanent { code, detail }) => {
-                        tracing::warn!(
-                            claim = claim_id,
-                            code,
-                            detail,
-                            "credit refused; compensating"
-                        );
-                        Next::Undo("compensate", format!("{code}: {detail}"))
-                    }
+                Ok(_) => Next::Step("credit"),
+                Err(err) => transient_or_dead(err),
+            },
+            "credit" => match self.engine.batcher.credit(transfer).await {
+                Ok(()) => Next::Step("mark_credited"),
+                Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
+                // The wallet refused for good: undo the grab.
+                Err(StepError::Permanent { code, detail }) => {
+                    tracing::warn!(
+                        claim = claim_id,
+                        code,
+                        detail,
+                        "credit refused; compensating"
+                    );
+                    Next::Undo("compensate", format!("{code}: {detail}"))
                 }
-            }
+            },
             "mark_credited" => match campaign.mark_credited(claim_id, self.request_id).await {
                 Ok(_) => Next::Finish(state::COMPLETED, None),
                 Err(err) => transient_or_dead(err),
@@ -399,7 +447,7 @@ impl Run<'_> {
                     match self
                         .engine
                         .store
-                        .advance(self.saga_id, self.fence, "settle", state::RUNNING, None)
+                        .advance(&self.saga_id, self.fence, "settle", state::RUNNING, None)
                         .await
                     {
                         Ok(true) => {}

@@ -12,6 +12,7 @@ pub mod bus;
 pub mod clients;
 pub mod engine;
 pub mod entity;
+pub mod grabs;
 pub mod relay;
 pub mod store;
 pub mod sweeper;
@@ -64,9 +65,10 @@ pub struct SagaConfig {
     pub amqp_prefix: String,
     /// `RP_SAGA_PREFETCH` (default 512): unacknowledged messages per consumer.
     pub prefetch: u16,
-    /// `RP_SAGA_CREDIT_BATCH` (default 500): credits per wallet batch; 1 turns batching off.
+    /// `RP_SAGA_CREDIT_BATCH` (default 500): grab sagas (and credits) driven per batch; 1
+    /// turns batching off (every saga on its own, one transfer per credit).
     pub credit_batch: usize,
-    /// `RP_SAGA_CREDIT_LINGER_MS` (default 5): the longest a credit waits for its batch.
+    /// `RP_SAGA_CREDIT_LINGER_MS` (default 5): the longest a grab or credit waits for its batch.
     pub credit_linger: Duration,
     /// `RP_SAGA_LEASE_TTL_MS` (default 10000): an executor's lease on a saga.
     pub lease_ttl: Duration,
@@ -218,6 +220,8 @@ fn engine(
         leases,
         lease_prefix: lease_prefix.to_owned(),
         lease_ttl,
+        batch: credit_batch,
+        linger: credit_linger,
     })
 }
 
@@ -293,7 +297,7 @@ impl Application {
             redis: None,
             ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
             prefix: "local".to_owned(),
-            prefetch: 64,
+            prefetch: 512,
             switches: TestSwitches::default(),
             stats: Arc::default(),
         })

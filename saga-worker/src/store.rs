@@ -1,5 +1,7 @@
 //! Saga state in the saga worker's database, written only under a fencing token.
 
+use std::collections::HashMap;
+
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
@@ -33,6 +35,18 @@ fn now_ms() -> i64 {
 
 fn bounded(text: &str) -> String {
     text.chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// Rows per statement when sagas are written in batches.
+const BATCH_ROWS: usize = 200;
+
+/// A saga as its first message describes it.
+#[derive(Debug, Clone)]
+pub struct NewSaga<'a> {
+    pub id: &'a str,
+    pub kind: &'a str,
+    pub payload: String,
+    pub request_id: Option<&'a str>,
 }
 
 /// The saga tables.
@@ -97,6 +111,77 @@ impl SagaStore {
             return Ok(None);
         }
         saga::Entity::find_by_id(id).one(&self.db).await
+    }
+
+    /// Takes many sagas over with one `fence`, creating them on first sight, as
+    /// [`SagaStore::claim`] does for one: the rows this fence now owns, by id (a saga missing
+    /// from the answer is owned by a newer executor).
+    pub async fn claim_many(
+        &self,
+        sagas: &[NewSaga<'_>],
+        fence: i64,
+    ) -> Result<HashMap<String, saga::Model>, DbErr> {
+        let now = now_ms();
+        let mut owned = HashMap::with_capacity(sagas.len());
+        for chunk in sagas.chunks(BATCH_ROWS) {
+            saga::Entity::insert_many(chunk.iter().map(|new| saga::ActiveModel {
+                id: Set(new.id.to_owned()),
+                kind: Set(new.kind.to_owned()),
+                state: Set(state::RUNNING.to_owned()),
+                step: Set("start".to_owned()),
+                attempts: Set(0),
+                last_error: Set(None),
+                reason: Set(None),
+                payload: Set(new.payload.clone()),
+                request_id: Set(new.request_id.map(str::to_owned)),
+                fence: Set(0),
+                created_at_ms: Set(now),
+                updated_at_ms: Set(now),
+            }))
+            .on_conflict(
+                OnConflict::column(saga::Column::Id)
+                    .do_nothing_on([saga::Column::Id])
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+            let ids = chunk.iter().map(|new| new.id);
+            saga::Entity::update_many()
+                .col_expr(saga::Column::Fence, Expr::value(fence))
+                .col_expr(
+                    saga::Column::Attempts,
+                    Expr::col(saga::Column::Attempts).add(1),
+                )
+                .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
+                .filter(saga::Column::Id.is_in(ids.clone()))
+                .filter(saga::Column::Fence.lte(fence))
+                .exec(&self.db)
+                .await?;
+            for row in saga::Entity::find()
+                .filter(saga::Column::Id.is_in(ids))
+                .filter(saga::Column::Fence.eq(fence))
+                .all(&self.db)
+                .await?
+            {
+                owned.insert(row.id.clone(), row);
+            }
+        }
+        Ok(owned)
+    }
+
+    /// Ends many sagas in `state` under `fence`; the ones a newer fence owns are left alone.
+    pub async fn finish_many(&self, ids: &[&str], fence: i64, state: &str) -> Result<(), DbErr> {
+        for chunk in ids.chunks(BATCH_ROWS) {
+            saga::Entity::update_many()
+                .col_expr(saga::Column::Step, Expr::value("done"))
+                .col_expr(saga::Column::State, Expr::value(state))
+                .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+                .filter(saga::Column::Id.is_in(chunk.iter().copied()))
+                .filter(saga::Column::Fence.lte(fence))
+                .exec(&self.db)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records progress; false when a newer fence owns the saga (the write is refused).

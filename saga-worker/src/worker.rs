@@ -5,12 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redpacket_common::ids::SnowflakeGenerator;
-use redpacket_common::messages::Envelope;
+use redpacket_common::messages::{Envelope, SagaEvent};
 use tokio_util::sync::CancellationToken;
 
+use crate::batcher::Batcher;
 use crate::broker::RETRY_LEVELS;
 use crate::bus::{Bus, Handler};
 use crate::engine::{Engine, Outcome};
+
+/// Batches of grab sagas driven at once by one worker. Grabs of a hot campaign all credit its
+/// one escrow row, so two suffice: one in the wallet while the other records or marks claims.
+const GRAB_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Counters of what the consumer did (exposed as metrics).
 #[derive(Debug, Default)]
@@ -84,19 +89,45 @@ pub async fn consume(
     shutdown: CancellationToken,
 ) {
     let publisher = bus.clone();
+    // Grab sagas go through batches unless batching is off; the others one by one.
+    let grabs = (engine.batch > 1).then(|| {
+        let engine = engine.clone();
+        Batcher::start(
+            engine.batch,
+            engine.linger,
+            GRAB_BATCHES_IN_FLIGHT,
+            move |envelopes| {
+                let engine = engine.clone();
+                async move { engine.handle_grabs(envelopes).await }
+            },
+        )
+    });
     let handler: Handler = Arc::new(move |data: Vec<u8>| {
-        let (engine, bus, ids, stats) = (
+        let (engine, bus, ids, stats, grabs) = (
             engine.clone(),
             publisher.clone(),
             ids.clone(),
             stats.clone(),
+            grabs.clone(),
         );
         Box::pin(async move {
             let parsed = Envelope::from_bytes(&data);
             let outcome = match &parsed {
                 Ok(envelope) => {
                     let span = tracing::info_span!("saga", saga = %envelope.event.saga_id(), request_id = envelope.request_id.as_deref().unwrap_or(""));
-                    tracing::Instrument::instrument(engine.handle(envelope), span).await
+                    let handled = async {
+                        match &grabs {
+                            Some(grabs)
+                                if matches!(envelope.event, SagaEvent::GrabClaimed { .. }) =>
+                            {
+                                grabs.submit(envelope.clone()).await.unwrap_or_else(|| {
+                                    Outcome::Retry("the grab batcher dropped the saga".into())
+                                })
+                            }
+                            _ => engine.handle(envelope).await,
+                        }
+                    };
+                    tracing::Instrument::instrument(handled, span).await
                 }
                 Err(reason) => Outcome::Dead(format!("unreadable message: {reason}")),
             };

@@ -111,11 +111,21 @@ async fn ten_thousand_grabs_are_each_credited_once_and_the_campaign_settles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_delivered_twice_credit_once() {
+    messages_delivered_twice_credit_once_with(500).await;
+}
+
+/// The same with every saga driven on its own (batching off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_delivered_twice_credit_once_one_saga_at_a_time() {
+    messages_delivered_twice_credit_once_with(1).await;
+}
+
+async fn messages_delivered_twice_credit_once_with(batch: usize) {
     let system = spawn_system(
         TestSwitches {
             duplicate_every_message: true,
         },
-        500,
+        batch,
     )
     .await;
     system.top_up("m1", 100_000).await;
