@@ -189,13 +189,7 @@ impl<'a> Run<'a> {
         match self
             .engine
             .store
-            .advance(
-                &self.saga_id,
-                self.fence,
-                to,
-                state::RUNNING,
-                Some(&reason),
-            )
+            .advance(&self.saga_id, self.fence, to, state::RUNNING, Some(&reason))
             .await
         {
             Ok(true) => self.drive(event, to).await,

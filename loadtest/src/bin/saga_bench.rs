@@ -136,7 +136,7 @@ async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()
             listen: "127.0.0.1:0".parse()?,
             redis_prefix: prefix,
             amqp_prefix: format!("rpbench.{suffix}"),
-            prefetch: 512,
+            prefetch: 2000,
             credit_batch: 500,
             credit_linger: Duration::from_millis(5),
             retry_base: Duration::from_millis(200),
