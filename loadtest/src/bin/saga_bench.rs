@@ -62,6 +62,7 @@ struct Args {
 
 struct Bench {
     client: reqwest::Client,
+    dbs: Vec<sea_orm::DatabaseConnection>,
     campaign_url: String,
     wallet_url: String,
     campaign_db: sea_orm::DatabaseConnection,
@@ -126,6 +127,7 @@ async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()
         campaign_url,
         wallet_url,
         campaign_db: dbs[1].clone(),
+        dbs: dbs.clone(),
         config: SagaConfig {
             database_url: Secret::new(urls[2].clone()),
             redis_url: Secret::new(args.redis_url.clone()),
@@ -148,8 +150,11 @@ async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()
         "saga-bench: drains of {} credits, then {} grabs/s for {} s",
         args.packets, args.rate, args.seconds
     );
+    bench.analyze().await?;
     let batched = bench.drain(args.packets, 500, "batched").await?;
+    bench.analyze().await?;
     let single = bench.drain(args.packets, 1, "single").await?;
+    bench.analyze().await?;
     println!();
     println!("| credit pipeline | credits | seconds | credits/s |");
     println!("|---|---:|---:|---:|");
@@ -182,6 +187,16 @@ fn per_second(count: i64, elapsed: Duration) -> u64 {
 }
 
 impl Bench {
+    /// Refreshes the planner's statistics, as autovacuum does within a minute in a running
+    /// deployment. Without it, tables created seconds ago that already hold tens of thousands
+    /// of rows are planned as if nearly empty: batch lookups by id scan them whole.
+    async fn analyze(&self) -> anyhow::Result<()> {
+        for db in &self.dbs {
+            db.execute_unprepared("ANALYZE").await?;
+        }
+        Ok(())
+    }
+
     async fn post(&self, url: String, body: Value) -> anyhow::Result<Value> {
         let response = self.client.post(url).json(&body).send().await?;
         anyhow::ensure!(response.status().is_success(), "{}", response.status());
