@@ -26,6 +26,10 @@ pub enum Outcome {
     Done,
     /// Try again later, through the retry queues.
     Retry(String),
+    /// Not ready yet (a refund waiting for claims in flight): look again later without using
+    /// up retries, since waiting is not failing. Bounded by what it waits for: every claim's
+    /// own saga ends, or is dead-lettered for an operator.
+    Wait(String),
     /// Give up now: dead-letter it.
     Dead(String),
 }
@@ -100,7 +104,7 @@ impl Engine {
             Ok(None) => Outcome::Done,
             Err(err) => Outcome::Retry(format!("saga store: {err}")),
         };
-        if let Outcome::Retry(reason) | Outcome::Dead(reason) = &outcome
+        if let Outcome::Retry(reason) | Outcome::Wait(reason) | Outcome::Dead(reason) = &outcome
             && let Err(err) = self.store.note_error(&saga_id, reason).await
         {
             tracing::warn!(saga = saga_id, error = %err, "could not note a saga error");
@@ -397,13 +401,13 @@ impl<'a> Run<'a> {
                     Ok(Some(funding)) if state::is_terminal(&funding.state) => {
                         Next::Step("wait_claims")
                     }
-                    Ok(_) => Next::Stop(Outcome::Retry("the funding saga has not finished".into())),
+                    Ok(_) => Next::Stop(Outcome::Wait("the funding saga has not finished".into())),
                     Err(err) => Next::Stop(Outcome::Retry(err.to_string())),
                 }
             }
             "wait_claims" => match self.engine.campaign.stats(campaign_id).await {
                 Ok(stats) if stats["packets_in_flight"] == 0 => Next::Step("refund"),
-                Ok(stats) => Next::Stop(Outcome::Retry(format!(
+                Ok(stats) => Next::Stop(Outcome::Wait(format!(
                     "{} claims still in flight",
                     stats["packets_in_flight"]
                 ))),

@@ -84,7 +84,9 @@ impl Engine {
                     .collect(),
             };
             for (index, outcome) in driven {
-                if let Outcome::Retry(reason) | Outcome::Dead(reason) = &outcome {
+                if let Outcome::Retry(reason) | Outcome::Wait(reason) | Outcome::Dead(reason) =
+                    &outcome
+                {
                     let saga_id = envelopes[index].event.saga_id();
                     if let Err(err) = self.store.note_error(&saga_id, reason).await {
                         tracing::warn!(saga = saga_id, error = %err, "could not note a saga error");

@@ -13,6 +13,9 @@ use crate::broker::RETRY_LEVELS;
 use crate::bus::{Bus, Handler};
 use crate::engine::{Engine, Outcome};
 
+/// The retry level a waiting saga looks again from (`retry_base × 2^3`: 1.6 s by default).
+const WAIT_LEVEL: u32 = 3;
+
 /// Batches of grab sagas driven at once by one worker. Grabs of a hot campaign all credit its
 /// one escrow row, so two suffice: one in the wallet while the other records or marks claims.
 const GRAB_BATCHES_IN_FLIGHT: usize = 2;
@@ -58,7 +61,22 @@ pub async fn settle(
                 .await?;
             stats.retried.fetch_add(1, Ordering::Relaxed);
         }
-        (Outcome::Retry(reason) | Outcome::Dead(reason), envelope) => {
+        (Outcome::Wait(reason), Some(envelope)) => {
+            // Backing off like a retry up to WAIT_LEVEL, then a steady look at that level.
+            let level = envelope.attempt.min(WAIT_LEVEL);
+            let mut again = envelope.clone();
+            again.attempt = (level + 1).min(WAIT_LEVEL);
+            tracing::debug!(saga = envelope.event.saga_id(), reason, "waiting");
+            broker
+                .publish(
+                    &format!("retry.{level}"),
+                    &again.message_id,
+                    &again.to_bytes(),
+                )
+                .await?;
+            stats.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        (Outcome::Retry(reason) | Outcome::Wait(reason) | Outcome::Dead(reason), envelope) => {
             let saga_id = envelope.map_or_else(|| "unreadable".to_owned(), |e| e.event.saga_id());
             tracing::error!(saga = saga_id, reason, "dead-lettering a saga message");
             let letter = ids

@@ -137,7 +137,7 @@ async fn messages_delivered_twice_credit_once_with(batch: usize) {
             credited(&system, &id).await == 300
         })
         .await;
-    system.wait_for_status(&id, "settled", 60).await;
+    system.wait_for_status(&id, "settled", 120).await;
     assert_each_credited_once(&system, &grabs).await;
     assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
     // Settled: the pool, its hand-off and the relays' leases on it leave Redis.
