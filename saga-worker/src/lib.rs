@@ -63,8 +63,8 @@ pub struct SagaConfig {
     pub redis_prefix: String,
     /// `RP_AMQP_PREFIX` (default `rp`): prefix of the exchange and queues.
     pub amqp_prefix: String,
-    /// `RP_SAGA_PREFETCH` (default 2000): unacknowledged messages per consumer, room for two
-    /// grab batches in flight and a third gathering.
+    /// `RP_SAGA_PREFETCH` (default 1000): unacknowledged messages per consumer, room for two
+    /// grab batches of 500 in flight.
     pub prefetch: u16,
     /// `RP_SAGA_CREDIT_BATCH` (default 500): grab sagas (and credits) driven per batch; 1
     /// turns batching off (every saga on its own, one transfer per credit).
@@ -108,7 +108,7 @@ impl SagaConfig {
             listen: source.or("RP_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8083)))?,
             redis_prefix: source.or("RP_REDIS_PREFIX", "rp".to_owned())?,
             amqp_prefix: source.or("RP_AMQP_PREFIX", "rp".to_owned())?,
-            prefetch: source.or("RP_SAGA_PREFETCH", 2000)?,
+            prefetch: source.or("RP_SAGA_PREFETCH", 1000)?,
             credit_batch,
             credit_linger: Duration::from_millis(linger_ms),
             retry_base: Duration::from_millis(source.or("RP_SAGA_RETRY_BASE_MS", 200)?),
@@ -298,7 +298,7 @@ impl Application {
             redis: None,
             ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
             prefix: "local".to_owned(),
-            prefetch: 2000,
+            prefetch: 1000,
             switches: TestSwitches::default(),
             stats: Arc::default(),
         })

@@ -138,7 +138,7 @@ async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()
             listen: "127.0.0.1:0".parse()?,
             redis_prefix: prefix,
             amqp_prefix: format!("rpbench.{suffix}"),
-            prefetch: 2000,
+            prefetch: 1000,
             credit_batch: 500,
             credit_linger: Duration::from_millis(5),
             retry_base: Duration::from_millis(200),
