@@ -74,43 +74,13 @@ impl SagaStore {
         request_id: Option<&str>,
         fence: i64,
     ) -> Result<Option<saga::Model>, DbErr> {
-        let now = now_ms();
-        saga::Entity::insert(saga::ActiveModel {
-            id: Set(id.to_owned()),
-            kind: Set(kind.to_owned()),
-            state: Set(state::RUNNING.to_owned()),
-            step: Set("start".to_owned()),
-            attempts: Set(0),
-            last_error: Set(None),
-            reason: Set(None),
-            payload: Set(payload.to_owned()),
-            request_id: Set(request_id.map(str::to_owned)),
-            fence: Set(0),
-            created_at_ms: Set(now),
-            updated_at_ms: Set(now),
-        })
-        .on_conflict(
-            OnConflict::column(saga::Column::Id)
-                .do_nothing_on([saga::Column::Id])
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await?;
-        let taken = saga::Entity::update_many()
-            .col_expr(saga::Column::Fence, Expr::value(fence))
-            .col_expr(
-                saga::Column::Attempts,
-                Expr::col(saga::Column::Attempts).add(1),
-            )
-            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
-            .filter(saga::Column::Id.eq(id))
-            .filter(saga::Column::Fence.lte(fence))
-            .exec(&self.db)
-            .await?;
-        if taken.rows_affected == 0 {
-            return Ok(None);
-        }
-        saga::Entity::find_by_id(id).one(&self.db).await
+        let new = NewSaga {
+            id,
+            kind,
+            payload: payload.to_owned(),
+            request_id,
+        };
+        Ok(self.claim_many(&[new], fence).await?.remove(id))
     }
 
     /// Takes many sagas over with one `fence`, creating them on first sight, as
