@@ -115,13 +115,19 @@ pub fn endpoint(service: CampaignService) -> impl Endpoint + 'static {
         db: service.store().db().clone(),
         pool: service.pool().clone(),
     };
+    let fast_grab = api::FastGrab {
+        service: service.clone(),
+    };
     let api = OpenApiService::new(
         CampaignApi::new(service),
         "Red-packet campaigns (internal)",
         env!("CARGO_PKG_VERSION"),
     );
     let spec = api.spec_endpoint();
-    let route = Route::new().at("/openapi.json", spec).nest("/", api);
+    let route = Route::new()
+        .at("/campaigns/:id/grab", poem::post(fast_grab))
+        .at("/openapi.json", spec)
+        .nest("/", api);
     service_endpoint(route, Metrics::new("campaign"), Arc::new(ready)).boxed()
 }
 

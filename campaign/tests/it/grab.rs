@@ -283,3 +283,67 @@ async fn grabs_outside_the_window_or_state_are_refused(setup: Setup) {
     app.stop().await;
 }
 on_every_pool!(grabs_outside_the_window_or_state_are_refused);
+
+/// The grab has a route of its own ahead of the documented operation: every bad request gets
+/// the answer a documented operation with a JSON body gives it, and grabs nothing.
+async fn a_bad_grab_request_is_answered_like_any_operation_and_grabs_nothing(setup: Setup) {
+    let app = spawn_app(setup).await;
+    let id = app.create(&campaign_body(1_000, 10, 1)).await;
+    app.fund_and_open(&id).await;
+    let too_large = format!(r#"{{"user_id": "{}"}}"#, "u".repeat(300 * 1024));
+    let cases: [(Option<&str>, String); 6] = [
+        (None, r#"{"user_id": "alice"}"#.to_owned()),
+        (Some("text/plain"), r#"{"user_id": "alice"}"#.to_owned()),
+        (Some("application/json"), "{not json".to_owned()),
+        (
+            Some("application/json"),
+            r#"{"user_id": "alice", "x": 1}"#.to_owned(),
+        ),
+        (Some("application/json"), "{}".to_owned()),
+        (Some("application/json"), too_large),
+    ];
+    for (content_type, body) in cases {
+        let send = |path: String| {
+            let mut request = app
+                .client
+                .post(format!("{}{path}", app.address))
+                .body(body.clone());
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            request.send()
+        };
+        let grab = send(format!("/campaigns/{id}/grab")).await.unwrap();
+        let other = send("/claims/batch/credited".to_owned()).await.unwrap();
+        let (grab_status, other_status) = (grab.status(), other.status());
+        assert!(
+            grab_status.is_client_error(),
+            "{content_type:?} {grab_status}"
+        );
+        assert_eq!(grab_status, other_status, "{content_type:?}");
+        assert_eq!(
+            grab.headers()["content-type"],
+            "application/problem+json",
+            "{content_type:?}"
+        );
+        let (grab, other): (Value, Value) =
+            (grab.json().await.unwrap(), other.json().await.unwrap());
+        assert_eq!(
+            grab["code"], other["code"],
+            "{content_type:?}: {grab} vs {other}"
+        );
+    }
+    // A bad campaign id is the grab's own check.
+    assert_problem(
+        app.post("/campaigns/nope/grab", &json!({"user_id": "alice"}))
+            .await,
+        404,
+        "campaign_not_found",
+        None,
+    )
+    .await;
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_grabbed"], 0, "{stats}");
+    app.stop().await;
+}
+on_every_pool!(a_bad_grab_request_is_answered_like_any_operation_and_grabs_nothing);
