@@ -577,3 +577,34 @@ async fn an_unreadable_hand_off_entry_is_dead_lettered_not_dropped() {
     let _ = connection.close(200, "done").await;
     system.stop().await;
 }
+
+/// A refund waits for the claims in flight as long as they take, beyond the whole retry budget
+/// (8 levels from 20 ms: about 5 s here), and is not dead-lettered for waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_waits_for_claims_in_flight_beyond_its_retry_budget() {
+    let system = spawn_system(TestSwitches::default(), 500).await;
+    system.top_up("m1", 100_000).await;
+    let id = system.create_campaign("m1", 10_000, 20, 600_000).await;
+    system.wait_for_status(&id, "active", 30).await;
+    // The wallet hangs on credits: every claim stays in flight while the campaign sells out.
+    system.faults.set(Mode::Hang);
+    let grabs = system.grab_all(&id, 20, 8).await;
+    system.wait_for_status(&id, "exhausted", 30).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(credited(&system, &id).await, 0);
+    let refund = system
+        .sagas
+        .get(&format!("refund:{id}"))
+        .await
+        .unwrap()
+        .expect("the refund saga started");
+    assert_eq!(refund.state, state::RUNNING, "{refund:?}");
+    system.faults.set(Mode::Pass);
+    system.wait_for_status(&id, "settled", 120).await;
+    assert_each_credited_once(&system, &grabs).await;
+    assert!(system.sagas.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(system.balance(&format!("escrow:{id}")).await, 0);
+    assert_eq!(system.balance("merchant:m1").await, 100_000 - 10_000);
+    system.assert_ledger().await;
+    system.stop().await;
+}
