@@ -434,6 +434,46 @@ pub struct RecordClaimItem {
     pub request_id: Option<String>,
 }
 
+impl RecordClaimItem {
+    /// The claim's id and its record body, as the one-claim operation takes them.
+    fn split(self) -> (String, RecordClaimBody) {
+        let RecordClaimItem {
+            id,
+            campaign_id,
+            user_id,
+            packet_seq,
+            amount,
+            currency,
+            grabbed_at_ms,
+            request_id,
+        } = self;
+        let body = RecordClaimBody {
+            campaign_id,
+            user_id,
+            packet_seq,
+            amount,
+            currency,
+            grabbed_at_ms,
+            request_id,
+        };
+        (id, body)
+    }
+}
+
+/// A claim to record, its ids checked.
+fn claim_record(id: String, body: RecordClaimBody) -> Result<ClaimRecord, Problem> {
+    Ok(ClaimRecord {
+        campaign_id: crate::service::parse_campaign_id(&body.campaign_id)?,
+        user_id: parse_owner_id("user_id", &body.user_id)?,
+        id,
+        seq: body.packet_seq,
+        amount: body.amount,
+        currency: body.currency,
+        grabbed_at_ms: body.grabbed_at_ms,
+        request_id: body.request_id,
+    })
+}
+
 /// Claims to record together.
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(deny_unknown_fields)]
@@ -962,21 +1002,9 @@ impl CampaignApi {
         id: Path<String>,
         body: StrictJson<RecordClaimBody>,
     ) -> Result<Json<ClaimDto>, Problem> {
-        let body = body.0;
-        let campaign_id = crate::service::parse_campaign_id(&body.campaign_id)?;
-        let user_id = parse_owner_id("user_id", &body.user_id)?;
         let claim = self
             .service
-            .record_claim(ClaimRecord {
-                id: id.0,
-                campaign_id,
-                user_id,
-                seq: body.packet_seq,
-                amount: body.amount,
-                currency: body.currency,
-                grabbed_at_ms: body.grabbed_at_ms,
-                request_id: body.request_id,
-            })
+            .record_claim(claim_record(id.0, body.0)?)
             .await?;
         Ok(Json(claim.into()))
     }
@@ -1046,19 +1074,13 @@ impl CampaignApi {
     ) -> Result<Json<ClaimBatchResults>, Problem> {
         let claims = body.0.claims;
         check_batch("claims", claims.iter().map(|claim| claim.id.as_str()))?;
-        let mut records = Vec::with_capacity(claims.len());
-        for claim in claims {
-            records.push(ClaimRecord {
-                campaign_id: crate::service::parse_campaign_id(&claim.campaign_id)?,
-                user_id: parse_owner_id("user_id", &claim.user_id)?,
-                id: claim.id,
-                seq: claim.packet_seq,
-                amount: claim.amount,
-                currency: claim.currency,
-                grabbed_at_ms: claim.grabbed_at_ms,
-                request_id: claim.request_id,
-            });
-        }
+        let records = claims
+            .into_iter()
+            .map(|claim| {
+                let (id, body) = claim.split();
+                claim_record(id, body)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let results = self.service.record_claims(records).await?;
         Ok(Json(ClaimBatchResults {
             results: results.into_iter().map(claim_item).collect(),
