@@ -109,14 +109,12 @@ impl Readiness for Ready {
     }
 }
 
-/// The campaign routes: the API, its spec at `/openapi.json`, health and metrics.
-pub fn endpoint(service: CampaignService) -> impl Endpoint + 'static {
+/// The campaign routes: the API, its spec at `/openapi.json`, health and metrics (the grab is
+/// also answered ahead of them, see [`api::HotGrab`]).
+pub fn endpoint(service: CampaignService, metrics: Metrics) -> impl Endpoint + 'static {
     let ready = Ready {
         db: service.store().db().clone(),
         pool: service.pool().clone(),
-    };
-    let fast_grab = api::FastGrab {
-        service: service.clone(),
     };
     let api = OpenApiService::new(
         CampaignApi::new(service),
@@ -124,11 +122,8 @@ pub fn endpoint(service: CampaignService) -> impl Endpoint + 'static {
         env!("CARGO_PKG_VERSION"),
     );
     let spec = api.spec_endpoint();
-    let route = Route::new()
-        .at("/campaigns/:id/grab", poem::post(fast_grab))
-        .at("/openapi.json", spec)
-        .nest("/", api);
-    service_endpoint(route, Metrics::new("campaign"), Arc::new(ready)).boxed()
+    let route = Route::new().at("/openapi.json", spec).nest("/", api);
+    service_endpoint(route, metrics, Arc::new(ready)).boxed()
 }
 
 /// Runs the lifecycle until `shutdown` resolves: every tick, and at once when woken.
@@ -207,7 +202,19 @@ impl Application {
         let lifecycle = tokio::spawn(run_lifecycle(self.service.clone(), async {
             let _ = lifecycle_stopped.await;
         }));
-        let served = self.listener.serve(endpoint(self.service), shutdown).await;
+        let metrics = Metrics::new("campaign");
+        let hot = api::HotGrab {
+            service: self.service.clone(),
+        };
+        let served = self
+            .listener
+            .serve_with_hot_route(
+                endpoint(self.service, metrics.clone()),
+                hot,
+                metrics,
+                shutdown,
+            )
+            .await;
         let _ = stop_lifecycle.send(());
         let _ = lifecycle.await;
         served

@@ -7,15 +7,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use poem::web::Json;
-use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server, get, handler};
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler};
 use poem_openapi::payload::{ParsePayload, Payload};
 use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::Type;
 use serde::de::DeserializeOwned;
 
-use crate::problem::{Problem, problem_from_error};
+use crate::front::{HotRoute, NoHotRoute};
+use crate::problem::Problem;
 use crate::telemetry::Metrics;
 
 /// The header that carries a request's id through every hop.
@@ -62,15 +62,33 @@ impl<T: DeserializeOwned + Send, const LIMIT: usize> ParsePayload for StrictJson
             .into_bytes_limit(limit)
             .await
             .map_err(|err| match err {
-                poem::error::ReadBodyError::PayloadTooLarge => Problem::new(
-                    poem::http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "Payload too large",
-                    format!("the request body exceeds {limit} bytes"),
-                ),
+                poem::error::ReadBodyError::PayloadTooLarge => body_too_large(limit),
                 other => Problem::bad_request("invalid_body", other.to_string()),
             })?;
         parse_strict(&bytes).map(StrictJson).map_err(Into::into)
+    }
+}
+
+fn body_too_large(limit: usize) -> Problem {
+    Problem::new(
+        poem::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "Payload too large",
+        format!("the request body exceeds {limit} bytes"),
+    )
+}
+
+/// Reads a whole body of at most `limit` bytes, refusing it as [`StrictJson`] does.
+pub async fn read_body_limited<B>(body: B, limit: usize) -> Result<bytes::Bytes, Problem>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(body_too_large(limit)),
+        Err(err) => Err(Problem::bad_request("invalid_body", err.to_string())),
     }
 }
 
@@ -229,14 +247,7 @@ pub fn service_endpoint(
                 // Every error, the framework's own included, leaves as problem+json.
                 let mut response = tracing::Instrument::instrument(endpoint.call(request), span)
                     .await
-                    .unwrap_or_else(|err| {
-                        if err.is_from_response() {
-                            // Already an answer (an upstream's problem, relayed).
-                            err.into_response()
-                        } else {
-                            problem_from_error(err).into_response()
-                        }
-                    });
+                    .unwrap_or_else(crate::front::error_response);
                 if let Some(value) = header {
                     response.headers_mut().insert(REQUEST_ID_HEADER, value);
                 }
@@ -253,8 +264,12 @@ fn live() -> Json<serde_json::Value> {
 
 /// The client's request id when it is sane, else a new one.
 pub fn request_id_of(request: &Request) -> String {
-    request
-        .headers()
+    request_id_from(request.headers())
+}
+
+/// The request id in these headers when it is sane, else a new one.
+pub fn request_id_from(headers: &poem::http::HeaderMap) -> String {
+    headers
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .filter(|id| {
@@ -279,33 +294,23 @@ pub fn new_request_id() -> String {
 }
 
 /// A bound listener, so tests can bind port 0 and learn the port before serving.
+#[derive(Debug)]
 pub struct BoundListener {
-    acceptor: TcpAcceptor,
+    listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
-}
-
-impl std::fmt::Debug for BoundListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundListener")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
-    }
 }
 
 impl BoundListener {
     /// Binds the address now; failures name it.
     pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
-        let acceptor = TcpListener::bind(addr)
-            .into_acceptor()
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
-        let local_addr = acceptor
+        let local_addr = listener
             .local_addr()
-            .first()
-            .and_then(|addr| addr.as_socket_addr().copied())
-            .ok_or_else(|| anyhow::anyhow!("listener on {addr} has no socket address"))?;
+            .map_err(|err| anyhow::anyhow!("listener on {addr} has no address: {err}"))?;
         Ok(BoundListener {
-            acceptor,
+            listener,
             local_addr,
         })
     }
@@ -322,10 +327,19 @@ impl BoundListener {
         endpoint: impl Endpoint + 'static,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(endpoint, shutdown, Some(SHUTDOWN_GRACE))
-            .await?;
-        Ok(())
+        crate::front::serve(self.listener, endpoint, NoHotRoute, None, shutdown).await
+    }
+
+    /// Serves like [`BoundListener::serve`], answering `hot`'s requests ahead of the endpoint
+    /// (see [`crate::front`]); `metrics` counts them as the edge counts the others.
+    pub async fn serve_with_hot_route(
+        self,
+        endpoint: impl Endpoint + 'static,
+        hot: impl HotRoute,
+        metrics: Metrics,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        crate::front::serve(self.listener, endpoint, hot, Some(metrics), shutdown).await
     }
 }
 

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod front;
 pub mod http;
 pub mod ids;
 pub mod lease;

@@ -299,12 +299,6 @@ pub fn endpoint(gateway: Arc<Gateway>, metrics: Metrics) -> impl Endpoint + 'sta
         }
     });
     let route = Route::new()
-        .at(
-            "/v1/campaigns/:id/grab",
-            poem::post(api::FastGrab {
-                gateway: gateway.clone(),
-            }),
-        )
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api);
@@ -355,8 +349,16 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr(), "gateway listening");
+        let hot = api::HotGrab {
+            gateway: self.gateway.clone(),
+        };
         self.listener
-            .serve(endpoint(self.gateway, self.metrics), shutdown)
+            .serve_with_hot_route(
+                endpoint(self.gateway, self.metrics.clone()),
+                hot,
+                self.metrics,
+                shutdown,
+            )
             .await
     }
 }

@@ -26,6 +26,11 @@ impl<T> Raw<T> {
         }
     }
 
+    /// The JSON bytes.
+    pub fn into_body(self) -> Bytes {
+        self.body
+    }
+
     /// Serializes a value of the documented shape.
     pub fn of<S: serde::Serialize>(value: &S) -> Self {
         Raw::new(Bytes::from(

@@ -347,3 +347,57 @@ async fn a_bad_grab_request_is_answered_like_any_operation_and_grabs_nothing(set
     app.stop().await;
 }
 on_every_pool!(a_bad_grab_request_is_answered_like_any_operation_and_grabs_nothing);
+
+/// The grab answered ahead of the framework still gets what the edge gives every request: the
+/// client's request id echoed (a new one when it sent none or an insane one) and the HTTP
+/// metrics.
+async fn the_grab_carries_request_ids_and_is_counted(setup: Setup) {
+    let app = spawn_app(setup).await;
+    let id = app.create(&campaign_body(1_000, 10, 1)).await;
+    app.fund_and_open(&id).await;
+    let grab = |user: &'static str, request_id: Option<&'static str>| {
+        let mut request = app
+            .client
+            .post(format!("{}/campaigns/{id}/grab", app.address))
+            .json(&json!({ "user_id": user }));
+        if let Some(request_id) = request_id {
+            request = request.header("x-request-id", request_id);
+        }
+        request.send()
+    };
+    let given = grab("alice", Some("trace-abc.1")).await.unwrap();
+    assert_eq!(given.status(), 200);
+    assert_eq!(given.headers()["x-request-id"], "trace-abc.1");
+    for (user, request_id) in [("bob", None), ("carol", Some("not sane!"))] {
+        let answer = grab(user, request_id).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let echoed = answer.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            !echoed.is_empty() && echoed != "not sane!",
+            "a new id replaces a missing or insane one: {echoed:?}"
+        );
+    }
+    let refused = grab("alice", None).await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert!(refused.headers().contains_key("x-request-id"));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let count = |status: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|line| {
+                line.starts_with("rp_http_requests_total{")
+                    && line.contains(r#"method="POST""#)
+                    && line.contains(&format!(r#"status="{status}""#))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // Creating and funding answer 201 and 200 too: at least the three grabs, and the refused one.
+    assert!(count("200") >= 3, "{metrics}");
+    assert_eq!(count("409"), 1, "{metrics}");
+    app.stop().await;
+}
+on_every_pool!(the_grab_carries_request_ids_and_is_counted);

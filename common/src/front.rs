@@ -1,0 +1,204 @@
+//! The HTTP/1.1 server in front of every service: hyper's connection driver with one optional
+//! *hot route* answered before the framework, and everything else handed to the poem endpoint.
+//!
+//! A seckill's grab is one small request repeated tens of thousands of times a second. Through
+//! poem every request crosses the route tree, the edge middleware and poem-openapi's extractors,
+//! each a boxed future whose state machine is moved on every call. The hot route is a plain
+//! async function over hyper's request: it answers the grab the documented operation describes,
+//! with the same checks and the same answers (each service's tests compare the two), and may
+//! hand any request it does not want (an unusual content type, say) to the framework untouched.
+//! The front gives it what the edge gives every request: a request id (the client's when sane),
+//! a tracing span, the id echoed on the answer, and the HTTP metrics.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use poem::http::{HeaderValue, Method, StatusCode, header};
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Endpoint, IntoResponse};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::http::{REQUEST_ID_HEADER, SHUTDOWN_GRACE, request_id_from};
+use crate::problem::problem_from_error;
+use crate::telemetry::Metrics;
+
+/// A response body: bytes built by a hot route, or whatever the framework streams.
+pub type Body = Either<Full<Bytes>, BoxBody<Bytes, std::io::Error>>;
+/// A request as the front receives it.
+pub type HotRequest = hyper::Request<Incoming>;
+/// A response as the front sends it.
+pub type Answer = hyper::Response<Body>;
+
+/// One route served ahead of the framework.
+pub trait HotRoute: Send + Sync + 'static {
+    /// Whether a request with this method and path is this route's.
+    fn matches(&self, method: &Method, path: &str) -> bool;
+
+    /// Answers a matched request, or gives it back untouched (body unread) for the framework
+    /// to answer. `request_id` is the request's id (the client's when sane, else a new one).
+    fn call(
+        &self,
+        request: HotRequest,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Answer, HotRequest>> + Send;
+}
+
+/// No hot route: every request goes to the framework.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHotRoute;
+
+impl HotRoute for NoHotRoute {
+    fn matches(&self, _method: &Method, _path: &str) -> bool {
+        false
+    }
+
+    async fn call(&self, request: HotRequest, _request_id: &str) -> Result<Answer, HotRequest> {
+        Err(request)
+    }
+}
+
+/// A JSON answer with the given status.
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Answer {
+    let mut answer = hyper::Response::new(Either::Left(Full::new(body.into())));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    answer
+}
+
+/// A framework response as the front sends it.
+pub fn from_poem(response: poem::Response) -> Answer {
+    hyper::Response::<BoxBody<Bytes, std::io::Error>>::from(response).map(Either::Right)
+}
+
+/// A framework error as the service edge answers it: a ready response as it is, anything else
+/// as problem+json.
+pub fn error_response(err: poem::Error) -> poem::Response {
+    if err.is_from_response() {
+        err.into_response()
+    } else {
+        problem_from_error(err).into_response()
+    }
+}
+
+/// What every connection of one server shares.
+struct Shared<E, R> {
+    endpoint: E,
+    hot: R,
+    /// Where the hot route's requests are counted (the edge counts the others).
+    metrics: Option<Metrics>,
+    local_addr: SocketAddr,
+}
+
+impl<E: Endpoint, R: HotRoute> Shared<E, R> {
+    async fn answer(&self, request: HotRequest, remote_addr: SocketAddr) -> Answer {
+        let request = if self.hot.matches(request.method(), request.uri().path()) {
+            match self.answer_hot(request).await {
+                Ok(answer) => return answer,
+                Err(request) => request,
+            }
+        } else {
+            request
+        };
+        let request = poem::Request::from((
+            request,
+            LocalAddr(self.local_addr.into()),
+            RemoteAddr(remote_addr.into()),
+            poem::http::uri::Scheme::HTTP,
+        ));
+        from_poem(self.endpoint.get_response(request).await)
+    }
+
+    /// The hot route with the edge's duties around it.
+    async fn answer_hot(&self, request: HotRequest) -> Result<Answer, HotRequest> {
+        let started = Instant::now();
+        let request_id = request_id_from(request.headers());
+        let method = request.method().clone();
+        let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %request.uri().path());
+        let mut answer = self.hot.call(request, &request_id).instrument(span).await?;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            answer.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_http(method.as_str(), answer.status().as_u16(), started.elapsed());
+        }
+        Ok(answer)
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then lets requests in flight finish
+/// for at most [`SHUTDOWN_GRACE`].
+pub async fn serve<E, R>(
+    listener: TcpListener,
+    endpoint: E,
+    hot: R,
+    metrics: Option<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()>
+where
+    E: Endpoint + 'static,
+    R: HotRoute,
+{
+    let local_addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        endpoint,
+        hot,
+        metrics,
+        local_addr,
+    });
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote_addr) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Answers are written whole; Nagle would only hold them back for a delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |request: HotRequest| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.answer(request, remote_addr).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "requests still in flight after the grace period were cut"
+        );
+    }
+    Ok(())
+}
