@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
+use redpacket_common::front::Loops;
 use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::telemetry::Metrics;
@@ -212,6 +213,7 @@ impl Application {
                 endpoint(self.service, metrics.clone()),
                 hot,
                 metrics,
+                Loops::Shared,
                 shutdown,
             )
             .await;

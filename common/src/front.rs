@@ -139,6 +139,47 @@ impl<E: Endpoint, R: HotRoute> Shared<E, R> {
     }
 }
 
+/// How a server drives its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Loops {
+    /// On the process's multi-threaded runtime, like every other task.
+    #[default]
+    Shared,
+    /// On this many threads, each a single-threaded event loop owning the connections handed
+    /// to it (round robin): a request is read, answered and its upstream call made on one
+    /// thread, with no work stealing and no cross-thread wake-ups, as nginx's workers do.
+    Threads(usize),
+}
+
+/// The largest number of event-loop threads.
+pub const MAX_LOOP_THREADS: usize = 64;
+
+impl Loops {
+    /// `RP_HTTP_THREADS`: 0 (the default) serves on the shared runtime; N on N event loops.
+    pub fn from_source(source: &crate::config::ConfigSource) -> Result<Self, crate::ConfigError> {
+        let threads: usize = source.or("RP_HTTP_THREADS", 0)?;
+        match threads {
+            0 => Ok(Loops::Shared),
+            1..=MAX_LOOP_THREADS => Ok(Loops::Threads(threads)),
+            _ => Err(crate::ConfigError::Malformed {
+                var: "RP_HTTP_THREADS".into(),
+                shown: format!(" `{threads}`"),
+                reason: format!("at most {MAX_LOOP_THREADS} (0 serves on the shared runtime)"),
+            }),
+        }
+    }
+}
+
+thread_local! {
+    static LOOP_INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the event-loop thread running the caller, if it runs on one (state kept per
+/// loop, like a connection pool, is indexed by it).
+pub fn loop_index() -> Option<usize> {
+    LOOP_INDEX.with(std::cell::Cell::get)
+}
+
 /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then lets requests in flight finish
 /// for at most [`SHUTDOWN_GRACE`].
 pub async fn serve<E, R>(
@@ -146,6 +187,7 @@ pub async fn serve<E, R>(
     endpoint: E,
     hot: R,
     metrics: Option<Metrics>,
+    loops: Loops,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()>
 where
@@ -159,13 +201,54 @@ where
         metrics,
         local_addr,
     });
-    let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder.keep_alive(true);
+    let Loops::Threads(threads) = loops else {
+        let (connections, accepted) = tokio::sync::mpsc::unbounded_channel();
+        let (served, ()) = tokio::join!(drive(shared, accepted), async move {
+            accept(listener, &[connections], shutdown).await;
+        });
+        return served;
+    };
+    let mut senders = Vec::with_capacity(threads);
+    let mut finished = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let (connections, accepted) = tokio::sync::mpsc::unbounded_channel();
+        let (done, finished_rx) = tokio::sync::oneshot::channel();
+        let shared = shared.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("http-loop-{index}"))
+            .spawn(move || {
+                LOOP_INDEX.with(|slot| slot.set(Some(index)));
+                let _ = done.send(runtime.block_on(drive(shared, accepted)));
+            })?;
+        senders.push(connections);
+        finished.push(finished_rx);
+    }
+    accept(listener, &senders, shutdown).await;
+    for finished in finished {
+        finished
+            .await
+            .map_err(|_| anyhow::anyhow!("an event-loop thread ended abnormally"))??;
+    }
+    Ok(())
+}
+
+/// A connection accepted, on its way to the loop that serves it.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// Accepts until `shutdown` resolves, handing connections to the loops in turn; returning drops
+/// the senders, which tells the loops to finish.
+async fn accept(
+    listener: TcpListener,
+    loops: &[tokio::sync::mpsc::UnboundedSender<Accepted>],
+    shutdown: impl Future<Output = ()> + Send,
+) {
     tokio::pin!(shutdown);
-    loop {
+    for next in (0..loops.len()).cycle() {
         let (stream, remote_addr) = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -178,6 +261,37 @@ where
         };
         // Answers are written whole; Nagle would only hold them back for a delayed ACK.
         let _ = stream.set_nodelay(true);
+        // Moved between runtimes as a plain socket; the loop registers it with its own reactor.
+        match stream.into_std() {
+            Ok(stream) => {
+                let _ = loops[next].send((stream, remote_addr));
+            }
+            Err(err) => tracing::warn!(error = %err, "handing a connection over failed"),
+        }
+    }
+}
+
+/// Serves the connections handed over until the acceptor stops, then drains them for at most
+/// [`SHUTDOWN_GRACE`].
+async fn drive<E, R>(
+    shared: Arc<Shared<E, R>>,
+    mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+) -> anyhow::Result<()>
+where
+    E: Endpoint + 'static,
+    R: HotRoute,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
+    while let Some((stream, remote_addr)) = accepted.recv().await {
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "registering a connection failed");
+                continue;
+            }
+        };
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |request: HotRequest| {
             let shared = shared.clone();
@@ -190,7 +304,6 @@ where
             }
         });
     }
-    drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()

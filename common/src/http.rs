@@ -14,7 +14,7 @@ use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::Type;
 use serde::de::DeserializeOwned;
 
-use crate::front::{HotRoute, NoHotRoute};
+use crate::front::{HotRoute, Loops, NoHotRoute};
 use crate::problem::Problem;
 use crate::telemetry::Metrics;
 
@@ -327,19 +327,28 @@ impl BoundListener {
         endpoint: impl Endpoint + 'static,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        crate::front::serve(self.listener, endpoint, NoHotRoute, None, shutdown).await
+        crate::front::serve(
+            self.listener,
+            endpoint,
+            NoHotRoute,
+            None,
+            Loops::Shared,
+            shutdown,
+        )
+        .await
     }
 
     /// Serves like [`BoundListener::serve`], answering `hot`'s requests ahead of the endpoint
-    /// (see [`crate::front`]); `metrics` counts them as the edge counts the others.
+    /// (see [`crate::front`]) on `loops`; `metrics` counts them as the edge counts the others.
     pub async fn serve_with_hot_route(
         self,
         endpoint: impl Endpoint + 'static,
         hot: impl HotRoute,
         metrics: Metrics,
+        loops: Loops,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        crate::front::serve(self.listener, endpoint, hot, Some(metrics), shutdown).await
+        crate::front::serve(self.listener, endpoint, hot, Some(metrics), loops, shutdown).await
     }
 }
 

@@ -819,14 +819,7 @@ async fn relay_grab(
     path.push_str("/grab");
     let reply = gateway
         .campaign
-        .call(
-            Method::POST,
-            &path,
-            Some(Bytes::from(body)),
-            &[],
-            &caller.request_id,
-            gateway.timeouts.grab,
-        )
+        .post_hot(&path, &body, &caller.request_id, gateway.timeouts.grab)
         .await?;
     Ok(Raw::new(reply.success()?))
 }

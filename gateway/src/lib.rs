@@ -11,6 +11,7 @@ pub mod limits;
 pub mod payload;
 pub mod reconcile;
 pub mod upstream;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use poem::{Endpoint, EndpointExt, IntoResponse, Route};
 use poem_openapi::OpenApiService;
 use redpacket_common::auth::TokenKey;
+use redpacket_common::front::Loops;
 use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::telemetry::Metrics;
 use redpacket_common::{ConfigError, ConfigSource, Problem, Secret};
@@ -89,6 +91,8 @@ pub struct GatewayConfig {
     pub limits: LimitConfig,
     pub breaker: BreakerConfig,
     pub timeouts: Timeouts,
+    /// `RP_HTTP_THREADS`: how connections are driven (see [`Loops`]).
+    pub loops: Loops,
 }
 
 impl GatewayConfig {
@@ -122,6 +126,7 @@ impl GatewayConfig {
             max_in_flight,
             currency: source.or("RP_CURRENCY", "CNY".to_owned())?,
             limits: LimitConfig::from_source(source)?,
+            loops: Loops::from_source(source)?,
             breaker: BreakerConfig::from_source(source)?,
             timeouts: Timeouts::from_source(source)?,
         })
@@ -235,6 +240,7 @@ pub fn spec_json() -> String {
         max_in_flight: 1,
         currency: "CNY".into(),
         limits: LimitConfig::DEFAULT,
+        loops: Loops::Shared,
         breaker: BreakerConfig::default(),
         timeouts: Timeouts {
             grab: Duration::from_secs(1),
@@ -310,6 +316,7 @@ pub struct Application {
     listener: BoundListener,
     gateway: Arc<Gateway>,
     metrics: Metrics,
+    loops: Loops,
 }
 
 impl std::fmt::Debug for Application {
@@ -329,6 +336,7 @@ impl Application {
             listener,
             gateway,
             metrics,
+            loops: config.loops,
         })
     }
 
@@ -357,6 +365,7 @@ impl Application {
                 endpoint(self.gateway, self.metrics.clone()),
                 hot,
                 self.metrics,
+                self.loops,
                 shutdown,
             )
             .await

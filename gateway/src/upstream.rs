@@ -1,6 +1,7 @@
 //! Calls to one upstream service through its circuit breaker, with a deadline per call and the
 //! request id carried along.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use redpacket_common::telemetry::Metrics;
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, Outcome, Transition};
 use crate::error::GatewayError;
+use crate::wire::WirePool;
 
 /// An upstream's answer, any status.
 #[derive(Debug)]
@@ -118,6 +120,8 @@ pub struct Upstream {
     /// The base URL's path (`/api` in `http://host/api`), put before every call's path.
     prefix: String,
     client: HttpClient,
+    /// The hot path's connections (the grab relay).
+    wire: WirePool,
     breaker: Breaker,
     metrics: BreakerMetrics,
 }
@@ -140,7 +144,13 @@ impl Upstream {
             anyhow::bail!("the {name} URL `{base}` needs a scheme and a host");
         };
         let prefix = uri.path().trim_end_matches('/').to_owned();
+        let host = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         Ok(Upstream {
+            wire: WirePool::new(host),
             name,
             base,
             scheme,
@@ -212,6 +222,41 @@ impl Upstream {
         request_id: &str,
         deadline: Duration,
     ) -> Result<Reply, GatewayError> {
+        self.guarded(deadline, self.send(method, path, body, headers, request_id))
+            .await
+    }
+
+    /// `POST path` with a JSON body on the hot path's own connections (see [`crate::wire`]),
+    /// under the same breaker and deadline as [`Upstream::call`].
+    pub async fn post_hot(
+        &self,
+        path: &str,
+        body: &[u8],
+        request_id: &str,
+        deadline: Duration,
+    ) -> Result<Reply, GatewayError> {
+        let prefixed;
+        let path = if self.prefix.is_empty() {
+            path
+        } else {
+            prefixed = format!("{}{path}", self.prefix);
+            &prefixed
+        };
+        let send = async {
+            self.wire
+                .post_json(path, body, request_id)
+                .await
+                .map_err(CallError::Failed)
+        };
+        self.guarded(deadline, send).await
+    }
+
+    /// Runs one call through the breaker within `deadline`, recording its outcome.
+    async fn guarded(
+        &self,
+        deadline: Duration,
+        send: impl Future<Output = Result<Reply, CallError>>,
+    ) -> Result<Reply, GatewayError> {
         let started = Instant::now();
         let (permit, transition) = self.breaker.try_acquire(started);
         self.note(transition);
@@ -231,10 +276,9 @@ impl Upstream {
                 .into());
             }
         };
-        let result =
-            tokio::time::timeout(deadline, self.send(method, path, body, headers, request_id))
-                .await
-                .unwrap_or(Err(CallError::Timeout));
+        let result = tokio::time::timeout(deadline, send)
+            .await
+            .unwrap_or(Err(CallError::Timeout));
         let elapsed = started.elapsed();
         let slow = elapsed > self.breaker.config().slow_call;
         let failed = match &result {

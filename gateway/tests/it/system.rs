@@ -48,6 +48,7 @@ pub fn gateway_config(campaign: &str, wallet: &str, saga: &str) -> GatewayConfig
             campaign: Rate::OFF,
         },
         breaker: BreakerConfig::default(),
+        loops: redpacket_common::front::Loops::Threads(2),
         timeouts: redpacket_gateway::Timeouts {
             grab: Duration::from_secs(2),
             read: Duration::from_secs(5),
