@@ -155,8 +155,21 @@ pub enum Loops {
 pub const MAX_LOOP_THREADS: usize = 64;
 
 impl Loops {
-    /// `RP_HTTP_THREADS`: 0 (the default) serves on the shared runtime; N on N event loops.
-    pub fn from_source(source: &crate::config::ConfigSource) -> Result<Self, crate::ConfigError> {
+    /// One event loop per core, as nginx's `worker_processes auto`.
+    pub fn per_core() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Loops::Threads(cores.min(MAX_LOOP_THREADS))
+    }
+
+    /// `RP_HTTP_THREADS`: 0 serves on the shared runtime, N on N event loops; `default` when
+    /// unset.
+    pub fn from_source(
+        source: &crate::config::ConfigSource,
+        default: Loops,
+    ) -> Result<Self, crate::ConfigError> {
+        if !source.is_set("RP_HTTP_THREADS") {
+            return Ok(default);
+        }
         let threads: usize = source.or("RP_HTTP_THREADS", 0)?;
         match threads {
             0 => Ok(Loops::Shared),
@@ -227,6 +240,8 @@ where
         finished.push(finished_rx);
     }
     accept(listener, &senders, shutdown).await;
+    // The loops finish once every sender is gone.
+    drop(senders);
     for finished in finished {
         finished
             .await

@@ -91,7 +91,8 @@ pub struct GatewayConfig {
     pub limits: LimitConfig,
     pub breaker: BreakerConfig,
     pub timeouts: Timeouts,
-    /// `RP_HTTP_THREADS`: how connections are driven (see [`Loops`]).
+    /// `RP_HTTP_THREADS` (default: one per core; 0 for the shared runtime): the event loops
+    /// that drive connections (see [`Loops`]).
     pub loops: Loops,
 }
 
@@ -126,7 +127,7 @@ impl GatewayConfig {
             max_in_flight,
             currency: source.or("RP_CURRENCY", "CNY".to_owned())?,
             limits: LimitConfig::from_source(source)?,
-            loops: Loops::from_source(source)?,
+            loops: Loops::from_source(source, Loops::per_core())?,
             breaker: BreakerConfig::from_source(source)?,
             timeouts: Timeouts::from_source(source)?,
         })

@@ -1,5 +1,8 @@
 //! Lease-lock contract tests, run against both lease stores: Redis and the embedded mode's
-//! in-process one. The resources the holders write live in a real Redis either way.
+//! in-process one (the resources the holders write live in a real Redis either way); and the
+//! HTTP front.
+
+mod front;
 
 use std::time::Duration;
 
