@@ -330,3 +330,28 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSource;
+
+    fn loops(value: Option<&str>) -> Result<Loops, crate::ConfigError> {
+        let pairs = value.map(|value| ("RP_HTTP_THREADS".to_owned(), value.to_owned()));
+        let source = ConfigSource::from_environment(pairs).unwrap();
+        Loops::from_source(&source, Loops::Threads(7))
+    }
+
+    #[test]
+    fn the_loop_setting_is_bounded_and_named_when_wrong() {
+        assert_eq!(loops(None).unwrap(), Loops::Threads(7), "unset: the default");
+        assert_eq!(loops(Some("0")).unwrap(), Loops::Shared);
+        assert_eq!(loops(Some("2")).unwrap(), Loops::Threads(2));
+        assert_eq!(loops(Some("64")).unwrap(), Loops::Threads(64));
+        for bad in ["65", "-1", "two"] {
+            let err = loops(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("RP_HTTP_THREADS"), "{bad}: {err}");
+        }
+        assert!(matches!(Loops::per_core(), Loops::Threads(1..=MAX_LOOP_THREADS)));
+    }
+}
