@@ -216,6 +216,85 @@ impl TokenKey {
     }
 }
 
+/// Shards of [`VerifiedTokens`].
+const TOKEN_SHARDS: usize = 16;
+
+/// Tokens verified recently, so a client repeating its token (a crowd tapping "grab") costs a
+/// hash lookup instead of two base64 decodes, an HMAC and a JSON parse.
+///
+/// Only tokens that verified are kept, keyed by the whole token: a hit is an exact match of a
+/// token this key signed, so nothing can be forged through the cache, and a refused token costs
+/// its full check every time. The expiry is checked again on every use. At most `capacity`
+/// tokens are kept (a token is about 200 bytes); a shard that fills up is emptied and refills
+/// with the tokens in use.
+#[derive(Debug)]
+pub struct VerifiedTokens {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<Box<str>, Claims>>>,
+    per_shard: usize,
+}
+
+impl VerifiedTokens {
+    pub fn new(capacity: usize) -> Self {
+        VerifiedTokens {
+            shards: (0..TOKEN_SHARDS).map(|_| Default::default()).collect(),
+            per_shard: capacity.div_ceil(TOKEN_SHARDS).max(1),
+        }
+    }
+
+    /// [`TokenKey::verify_at`], answered from the cache when the token was verified before.
+    pub fn verify_at(
+        &self,
+        key: &TokenKey,
+        token: &str,
+        now_secs: i64,
+    ) -> Result<Claims, TokenError> {
+        // A signature's last characters are uniformly spread: they pick the shard.
+        let shard = token
+            .bytes()
+            .rev()
+            .take(2)
+            .fold(0usize, |acc, byte| acc * 64 + usize::from(byte))
+            % TOKEN_SHARDS;
+        let shard = &self.shards[shard];
+        let cached = shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned();
+        if let Some(claims) = cached {
+            return if claims.exp <= now_secs {
+                Err(TokenError::Expired)
+            } else {
+                Ok(claims)
+            };
+        }
+        let claims = key.verify_at(token, now_secs)?;
+        let mut verified = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= self.per_shard {
+            verified.clear();
+        }
+        verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    /// Verifies against the current time.
+    pub fn verify(&self, key: &TokenKey, token: &str) -> Result<Claims, TokenError> {
+        self.verify_at(key, token, crate::time::now_ms() / 1000)
+    }
+
+    /// Tokens kept.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Ids that can become account names (`user:{id}`, `merchant:{id}`).
 fn valid_subject(sub: &str) -> bool {
     (1..=64).contains(&sub.len())
@@ -397,5 +476,44 @@ mod tests {
         assert_eq!(first.expose(), second.expose());
         assert!(first.expose().len() >= MIN_SECRET_LEN);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn verified_tokens_answer_as_the_key_does_and_stay_bounded() {
+        let key = TokenKey::new(&[7; 32]);
+        let other = TokenKey::new(&[8; 32]);
+        let cache = VerifiedTokens::new(32);
+        let token = key
+            .mint_at(Role::User, "u-1", Duration::from_secs(60), 1_000)
+            .unwrap();
+        for _ in 0..2 {
+            // The first time verified by the key, the second answered from the cache.
+            let claims = cache.verify_at(&key, &token, 1_010).unwrap();
+            assert_eq!((claims.sub.as_str(), claims.role), ("u-1", Role::User));
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            cache.verify_at(&key, &token, 1_060),
+            Err(TokenError::Expired),
+            "a cached token still expires"
+        );
+        // Tokens that fail are refused every time and never kept.
+        let forged = other
+            .mint_at(Role::Operator, "u-1", Duration::from_secs(60), 1_000)
+            .unwrap();
+        let tampered = format!("{}x", &token[..token.len() - 1]);
+        for bad in [forged.as_str(), tampered.as_str(), "not.a.token"] {
+            for _ in 0..2 {
+                assert!(cache.verify_at(&key, bad, 1_010).is_err(), "{bad}");
+            }
+        }
+        assert_eq!(cache.len(), 1);
+        for n in 0..1_000 {
+            let token = key
+                .mint_at(Role::User, &format!("u{n}"), Duration::from_secs(60), 1_000)
+                .unwrap();
+            assert!(cache.verify_at(&key, &token, 1_010).is_ok());
+        }
+        assert!(cache.len() <= 32, "bounded: {}", cache.len());
     }
 }

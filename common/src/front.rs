@@ -344,7 +344,11 @@ mod tests {
 
     #[test]
     fn the_loop_setting_is_bounded_and_named_when_wrong() {
-        assert_eq!(loops(None).unwrap(), Loops::Threads(7), "unset: the default");
+        assert_eq!(
+            loops(None).unwrap(),
+            Loops::Threads(7),
+            "unset: the default"
+        );
         assert_eq!(loops(Some("0")).unwrap(), Loops::Shared);
         assert_eq!(loops(Some("2")).unwrap(), Loops::Threads(2));
         assert_eq!(loops(Some("64")).unwrap(), Loops::Threads(64));
@@ -352,6 +356,9 @@ mod tests {
             let err = loops(Some(bad)).unwrap_err().to_string();
             assert!(err.contains("RP_HTTP_THREADS"), "{bad}: {err}");
         }
-        assert!(matches!(Loops::per_core(), Loops::Threads(1..=MAX_LOOP_THREADS)));
+        assert!(matches!(
+            Loops::per_core(),
+            Loops::Threads(1..=MAX_LOOP_THREADS)
+        ));
     }
 }

@@ -99,7 +99,7 @@ fn authenticate_token(
     token: &str,
     allowed: &[Role],
 ) -> poem::Result<Caller> {
-    let claims: Claims = gateway.key.verify(token).map_err(|err| {
+    let claims: Claims = gateway.tokens.verify(&gateway.key, token).map_err(|err| {
         poem::Error::from(Problem::new(
             StatusCode::UNAUTHORIZED,
             "invalid_token",

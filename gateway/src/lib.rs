@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hyper_util::client::legacy::connect::HttpConnector;
 use poem::{Endpoint, EndpointExt, IntoResponse, Route};
 use poem_openapi::OpenApiService;
-use redpacket_common::auth::TokenKey;
+use redpacket_common::auth::{TokenKey, VerifiedTokens};
 use redpacket_common::front::Loops;
 use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::telemetry::Metrics;
@@ -134,10 +134,16 @@ impl GatewayConfig {
     }
 }
 
+/// Verified tokens remembered per replica: enough for a crowd of 100,000 users tapping at
+/// once, about 25 MB at most.
+pub const VERIFIED_TOKENS: usize = 100_000;
+
 /// Everything a request needs, shared.
 #[derive(Debug)]
 pub struct Gateway {
     pub key: TokenKey,
+    /// Tokens verified recently (at most [`VERIFIED_TOKENS`]).
+    pub tokens: VerifiedTokens,
     pub limits: Limits,
     pub campaign: Upstream,
     pub wallet: Upstream,
@@ -171,6 +177,7 @@ impl Gateway {
         };
         Ok(Gateway {
             key: TokenKey::new(config.auth_secret.expose()),
+            tokens: VerifiedTokens::new(VERIFIED_TOKENS),
             limits: Limits::new(config.limits),
             campaign: upstream("campaign", &config.campaign_url)?,
             wallet: upstream("wallet", &config.wallet_url)?,
