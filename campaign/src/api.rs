@@ -590,18 +590,14 @@ pub struct HotGrab {
     pub service: CampaignService,
 }
 
-impl HotGrab {
-    /// The campaign id of `/campaigns/{id}/grab`, when the path is that (an id with `%` is left
-    /// to the framework, which decodes it).
-    fn campaign_id(path: &str) -> Option<&str> {
-        let id = path.strip_prefix("/campaigns/")?.strip_suffix("/grab")?;
-        (!id.is_empty() && !id.contains(['/', '%'])).then_some(id)
-    }
+/// The campaign id of `/campaigns/{id}/grab`.
+fn campaign_id_of(path: &str) -> Option<&str> {
+    front::path_segment(path, "/campaigns/", "/grab")
 }
 
 impl HotRoute for HotGrab {
     fn matches(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && Self::campaign_id(path).is_some()
+        method == Method::POST && campaign_id_of(path).is_some()
     }
 
     async fn call(&self, request: HotRequest, request_id: &str) -> Result<Answer, HotRequest> {
@@ -615,7 +611,7 @@ impl HotRoute for HotGrab {
             return Err(request);
         }
         let (parts, body) = request.into_parts();
-        let id = Self::campaign_id(parts.uri.path()).unwrap_or_default();
+        let id = campaign_id_of(parts.uri.path()).unwrap_or_default();
         let granted = async {
             let bytes = read_body_limited(body, DEFAULT_BODY_LIMIT_BYTES).await?;
             let body: GrabBody = parse_strict(&bytes)?;

@@ -68,6 +68,14 @@ impl HotRoute for NoHotRoute {
     }
 }
 
+/// The one path segment between `prefix` and `suffix` (`/campaigns/` and `/grab`), when the
+/// path is that and the segment is plain: a segment with `%` is left to the framework, which
+/// decodes it.
+pub fn path_segment<'a>(path: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    let segment = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (!segment.is_empty() && !segment.contains(['/', '%'])).then_some(segment)
+}
+
 /// A JSON answer with the given status.
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     let mut answer = hyper::Response::new(Either::Left(Full::new(body.into())));
@@ -340,6 +348,21 @@ mod tests {
         let pairs = value.map(|value| ("RP_HTTP_THREADS".to_owned(), value.to_owned()));
         let source = ConfigSource::from_environment(pairs).unwrap();
         Loops::from_source(&source, Loops::Threads(7))
+    }
+
+    #[test]
+    fn a_path_segment_is_plain_and_whole() {
+        let segment = |path| path_segment(path, "/campaigns/", "/grab");
+        assert_eq!(segment("/campaigns/42/grab"), Some("42"));
+        for other in [
+            "/campaigns//grab",
+            "/campaigns/4/2/grab",
+            "/campaigns/%34/grab",
+            "/campaigns/42/grabs",
+            "/v1/campaigns/42/grab",
+        ] {
+            assert_eq!(segment(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -833,18 +833,14 @@ pub struct HotGrab {
     pub gateway: Arc<Gateway>,
 }
 
-impl HotGrab {
-    /// The campaign id of `/v1/campaigns/{id}/grab`, when the path is that (an id with `%` is
-    /// left to the framework, which decodes it).
-    fn campaign_id(path: &str) -> Option<&str> {
-        let id = path.strip_prefix("/v1/campaigns/")?.strip_suffix("/grab")?;
-        (!id.is_empty() && !id.contains(['/', '%'])).then_some(id)
-    }
+/// The campaign id of `/v1/campaigns/{id}/grab`.
+fn campaign_id_of(path: &str) -> Option<&str> {
+    front::path_segment(path, "/v1/campaigns/", "/grab")
 }
 
 impl HotRoute for HotGrab {
     fn matches(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && Self::campaign_id(path).is_some()
+        method == Method::POST && campaign_id_of(path).is_some()
     }
 
     async fn call(&self, request: HotRequest, request_id: &str) -> Result<Answer, HotRequest> {
@@ -872,7 +868,7 @@ impl HotRoute for HotGrab {
             Ok(caller) => caller,
             Err(err) => return Ok(front::from_poem(front::error_response(err))),
         };
-        let id = Self::campaign_id(request.uri().path()).unwrap_or_default();
+        let id = campaign_id_of(request.uri().path()).unwrap_or_default();
         Ok(match relay_grab(gateway, &caller, id).await {
             Ok(raw) => front::json(StatusCode::OK, raw.into_body()),
             Err(err) => front::from_poem(err.into_response()),
