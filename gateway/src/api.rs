@@ -850,19 +850,9 @@ impl HotRoute for HotGrab {
             return Err(request);
         };
         let gateway = &*self.gateway;
-        if let Err(wait) = gateway.limits.global.check(Instant::now()) {
-            return Ok(front::from_poem(
-                rate_limited("global", wait).into_response(),
-            ));
-        }
-        let Ok(_permit) = gateway.in_flight.try_acquire() else {
-            return Ok(front::from_poem(
-                Problem::unavailable(
-                    "overloaded",
-                    "the gateway is at its bound of requests in flight; retry shortly",
-                )
-                .into_response(),
-            ));
+        let _permit = match gateway.admit() {
+            Ok(permit) => permit,
+            Err(refused) => return Ok(front::from_poem(refused.into_response())),
         };
         let caller = match authenticate_token(gateway, request_id, bearer.token(), &[Role::User]) {
             Ok(caller) => caller,

@@ -189,6 +189,22 @@ impl Gateway {
         })
     }
 
+    /// What every `/v1` request passes first: the global token bucket, then the bound on
+    /// requests in flight (held until the permit drops). Refusals are immediate, never queued.
+    pub fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, error::GatewayError> {
+        self.limits
+            .global
+            .check(Instant::now())
+            .map_err(|wait| crate::error::rate_limited("global", wait))?;
+        self.in_flight.try_acquire().map_err(|_| {
+            Problem::unavailable(
+                "overloaded",
+                "the gateway is at its bound of requests in flight; retry shortly",
+            )
+            .into()
+        })
+    }
+
     pub fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
         [&self.campaign, &self.wallet, &self.saga].into_iter()
     }
@@ -296,15 +312,9 @@ pub fn endpoint(gateway: Arc<Gateway>, metrics: Metrics) -> impl Endpoint + 'sta
     let api = api.data(gateway.clone()).around(move |endpoint, request| {
         let gateway = guard.clone();
         async move {
-            if let Err(wait) = gateway.limits.global.check(Instant::now()) {
-                return Ok(crate::error::rate_limited("global", wait).into_response());
-            }
-            let Ok(_permit) = gateway.in_flight.try_acquire() else {
-                return Ok(Problem::unavailable(
-                    "overloaded",
-                    "the gateway is at its bound of requests in flight; retry shortly",
-                )
-                .into_response());
+            let _permit = match gateway.admit() {
+                Ok(permit) => permit,
+                Err(refused) => return Ok(refused.into_response()),
             };
             endpoint
                 .call(request)

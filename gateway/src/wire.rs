@@ -136,18 +136,25 @@ impl WirePool {
     }
 }
 
+/// Reads what the stream has into `buffer`; the end of the stream is an error (`when` says
+/// where in the answer it came).
+async fn read_more(
+    stream: &mut TcpStream,
+    buffer: &mut BytesMut,
+    when: &str,
+) -> Result<(), String> {
+    match stream.read_buf(buffer).await {
+        Ok(0) => Err(format!("the connection closed {when}")),
+        Ok(_) => Ok(()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
 /// Reads one answer: its status, `Retry-After`, body, and whether the connection may be reused.
 async fn read_answer(stream: &mut TcpStream) -> Result<(Reply, bool), String> {
     let mut buffer = BytesMut::with_capacity(1024);
     loop {
-        if stream
-            .read_buf(&mut buffer)
-            .await
-            .map_err(|err| err.to_string())?
-            == 0
-        {
-            return Err("the connection closed before an answer".to_owned());
-        }
+        read_more(stream, &mut buffer, "before an answer").await?;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = httparse::Response::new(&mut headers);
         let head_len = match head.parse(&buffer).map_err(|err| err.to_string())? {
@@ -182,14 +189,7 @@ async fn read_answer(stream: &mut TcpStream) -> Result<(Reply, bool), String> {
         let end = head_len + length;
         while buffer.len() < end {
             buffer.reserve(end - buffer.len());
-            if stream
-                .read_buf(&mut buffer)
-                .await
-                .map_err(|err| err.to_string())?
-                == 0
-            {
-                return Err("the connection closed inside an answer".to_owned());
-            }
+            read_more(stream, &mut buffer, "inside an answer").await?;
         }
         // Bytes past the answer would be an answer to nothing: the connection is not reused.
         let reusable = !close && buffer.len() == end;
