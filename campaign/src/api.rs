@@ -1,16 +1,13 @@
 //! The campaign service's internal HTTP API, called by the gateway and the saga worker.
 
 use poem::IntoResponse;
-use poem::http::Method;
 use poem::http::StatusCode;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use redpacket_common::Problem;
-use redpacket_common::front::{self, Answer, HotRequest, HotRoute};
-use redpacket_common::http::{
-    DEFAULT_BODY_LIMIT_BYTES, FastJson, StrictJson, parse_strict, read_body_limited,
-};
+use redpacket_common::front::{self, Head, HotRoute, Reply};
+use redpacket_common::http::{FastJson, StrictJson, parse_strict};
 use redpacket_common::time::rfc3339;
 use serde::Deserialize;
 
@@ -596,37 +593,34 @@ fn campaign_id_of(path: &str) -> Option<&str> {
 }
 
 impl HotRoute for HotGrab {
-    fn matches(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && campaign_id_of(path).is_some()
+    /// A grab with a JSON body; any other content type goes to the documented operation, which
+    /// refuses it.
+    fn wants(&self, head: &Head<'_>) -> bool {
+        use poem_openapi::payload::Payload;
+        head.method() == "POST"
+            && campaign_id_of(head.path()).is_some()
+            && head
+                .header("content-type")
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .is_some_and(StrictJson::<GrabBody>::check_content_type)
     }
 
-    async fn call(&self, request: HotRequest, request_id: &str) -> Result<Answer, HotRequest> {
-        use poem_openapi::payload::Payload;
-        let json = request
-            .headers()
-            .get(poem::http::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(StrictJson::<GrabBody>::check_content_type);
-        if !json {
-            return Err(request);
-        }
-        let (parts, body) = request.into_parts();
-        let id = campaign_id_of(parts.uri.path()).unwrap_or_default();
+    async fn call(&self, head: &Head<'_>, body: &[u8], request_id: &str) -> Reply {
+        let id = campaign_id_of(head.path()).unwrap_or_default();
         let granted = async {
-            let bytes = read_body_limited(body, DEFAULT_BODY_LIMIT_BYTES).await?;
-            let body: GrabBody = parse_strict(&bytes)?;
+            let body: GrabBody = parse_strict(body)?;
             grab(&self.service, id, &body.user_id, request_id).await
         };
-        Ok(match granted.await {
+        match granted.await {
             Ok(FastJson(granted)) => match serde_json::to_vec(&granted) {
-                Ok(body) => front::json(StatusCode::OK, body),
+                Ok(body) => Reply::Json(StatusCode::OK, body.into()),
                 Err(err) => {
                     tracing::error!(error = %err, "serializing a grab failed");
-                    front::from_poem(Problem::internal().into_response())
+                    Reply::Response(Problem::internal().into_response())
                 }
             },
-            Err(problem) => front::from_poem(problem.into_response()),
-        })
+            Err(problem) => Reply::Response(problem.into_response()),
+        }
     }
 }
 

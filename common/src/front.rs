@@ -1,57 +1,153 @@
-//! The HTTP/1.1 server in front of every service: hyper's connection driver with one optional
-//! *hot route* answered before the framework, and everything else handed to the poem endpoint.
+//! The HTTP/1.1 server in front of every service: one optional *hot route* answered on
+//! connections the front reads and writes itself, and everything else handed to hyper's
+//! connection driver and the poem endpoint behind it.
 //!
 //! A seckill's grab is one small request repeated tens of thousands of times a second. Through
 //! poem every request crosses the route tree, the edge middleware and poem-openapi's extractors,
-//! each a boxed future whose state machine is moved on every call. The hot route is a plain
-//! async function over hyper's request: it answers the grab the documented operation describes,
-//! with the same checks and the same answers (each service's tests compare the two), and may
-//! hand any request it does not want (an unusual content type, say) to the framework untouched.
-//! The front gives it what the edge gives every request: a request id (the client's when sane),
-//! a tracing span, the id echoed on the answer, and the HTTP metrics.
+//! each a boxed future whose state machine is moved on every call; through hyper alone it still
+//! gets a header map, a request and a response object, a body channel and the dispatcher's
+//! bookkeeping. A connection therefore starts in the front's own loop: each request head is
+//! parsed in place (`httparse`, no copy) and, when it is the hot route's and plain (HTTP/1.1,
+//! a `Content-Length` body within the route's bound, no `Transfer-Encoding`, `Expect`,
+//! `Upgrade` or `Connection` header), answered there and written in one buffer. The first
+//! request that is anything else (another route, a chunked body, a malformed head) hands the
+//! connection, with the bytes already read, to hyper, which serves it from then on: the
+//! unusual cases get hyper's answers, exactly as before the loop existed.
+//!
+//! The hot route answers what the documented operation describes, with the same checks and the
+//! same answers (each service's tests compare the two), whichever of the two drives the
+//! connection, and may leave any request it does not want (an unusual content type, say) to
+//! the framework. The front gives it what the edge gives every request: a request id (the
+//! client's when sane), a tracing span, the id echoed on the answer, and the HTTP metrics.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use poem::http::{HeaderValue, Method, StatusCode, header};
+use poem::http::{HeaderMap, HeaderValue, StatusCode, header};
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, IntoResponse};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::http::{REQUEST_ID_HEADER, SHUTDOWN_GRACE, request_id_from};
-use crate::problem::problem_from_error;
+use crate::http::{
+    DEFAULT_BODY_LIMIT_BYTES, REQUEST_ID_HEADER, SHUTDOWN_GRACE, read_body_limited,
+    request_id_or_new,
+};
+use crate::problem::{Problem, problem_from_error};
 use crate::telemetry::Metrics;
 
 /// A response body: bytes built by a hot route, or whatever the framework streams.
 pub type Body = Either<Full<Bytes>, BoxBody<Bytes, std::io::Error>>;
-/// A request as the front receives it.
-pub type HotRequest = hyper::Request<Incoming>;
-/// A response as the front sends it.
+/// A request as hyper hands it over.
+pub type HyperRequest = hyper::Request<Incoming>;
+/// A response as hyper sends it.
 pub type Answer = hyper::Response<Body>;
+
+/// The longest request head the front's own loop reads; a longer one goes to hyper, whose
+/// bounds then apply.
+pub const HOT_HEAD_MAX_BYTES: usize = 16 * 1024;
+/// The most header fields the front's own loop parses; a request with more goes to hyper.
+pub const HOT_HEADERS_MAX: usize = 32;
+
+/// The head of a request as a hot route sees it: parsed in place by the front's loop, or
+/// hyper's on a connection hyper drives.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: Headers<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Headers<'a> {
+    Parsed(&'a [httparse::Header<'a>]),
+    Map(&'a HeaderMap),
+}
+
+impl<'a> Head<'a> {
+    /// The method, as sent (methods are case-sensitive).
+    pub fn method(&self) -> &'a str {
+        self.method
+    }
+
+    /// The path, without the query.
+    pub fn path(&self) -> &'a str {
+        self.path
+    }
+
+    /// The value of the first header field named `name` (lower case), if any.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        match self.headers {
+            Headers::Parsed(headers) => headers
+                .iter()
+                .find(|field| field.name.eq_ignore_ascii_case(name))
+                .map(|field| field.value),
+            Headers::Map(map) => map.get(name).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// A head over these parts, as a test or another front would build it.
+    pub fn from_parts(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> Self {
+        Head {
+            method,
+            path,
+            headers: Headers::Map(headers),
+        }
+    }
+}
+
+/// What a hot route answers.
+#[derive(Debug)]
+pub enum Reply {
+    /// A JSON body with this status, the common case, written without a header map.
+    Json(StatusCode, Bytes),
+    /// A framework response (a problem, say), sent as it is.
+    Response(poem::Response),
+}
+
+impl Reply {
+    /// The answer's status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reply::Json(status, _) => *status,
+            Reply::Response(response) => response.status(),
+        }
+    }
+}
 
 /// One route served ahead of the framework.
 pub trait HotRoute: Send + Sync + 'static {
-    /// Whether a request with this method and path is this route's.
-    fn matches(&self, method: &Method, path: &str) -> bool;
+    /// Whether this route answers a request with this head; any other request goes to the
+    /// framework, untouched.
+    fn wants(&self, head: &Head<'_>) -> bool;
 
-    /// Answers a matched request, or gives it back untouched (body unread) for the framework
-    /// to answer. `request_id` is the request's id (the client's when sane, else a new one).
+    /// The largest body the route reads; a longer one is refused (413 `payload_too_large`)
+    /// before the route is called.
+    fn body_limit(&self) -> usize {
+        DEFAULT_BODY_LIMIT_BYTES
+    }
+
+    /// Answers a request it wants. `request_id` is the request's id (the client's when sane,
+    /// else a new one).
     fn call(
         &self,
-        request: HotRequest,
+        head: &Head<'_>,
+        body: &[u8],
         request_id: &str,
-    ) -> impl Future<Output = Result<Answer, HotRequest>> + Send;
+    ) -> impl Future<Output = Reply> + Send;
 }
 
 /// No hot route: every request goes to the framework.
@@ -59,12 +155,12 @@ pub trait HotRoute: Send + Sync + 'static {
 pub struct NoHotRoute;
 
 impl HotRoute for NoHotRoute {
-    fn matches(&self, _method: &Method, _path: &str) -> bool {
+    fn wants(&self, _head: &Head<'_>) -> bool {
         false
     }
 
-    async fn call(&self, request: HotRequest, _request_id: &str) -> Result<Answer, HotRequest> {
-        Err(request)
+    async fn call(&self, _head: &Head<'_>, _body: &[u8], _request_id: &str) -> Reply {
+        Reply::Response(StatusCode::NOT_FOUND.into_response())
     }
 }
 
@@ -76,18 +172,21 @@ pub fn path_segment<'a>(path: &'a str, prefix: &str, suffix: &str) -> Option<&'a
     (!segment.is_empty() && !segment.contains(['/', '%'])).then_some(segment)
 }
 
-/// A JSON answer with the given status.
+/// The JSON content type the hot answers carry.
+const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
+/// A JSON answer with the given status, as hyper sends it.
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     let mut answer = hyper::Response::new(Either::Left(Full::new(body.into())));
     *answer.status_mut() = status;
     answer.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
     );
     answer
 }
 
-/// A framework response as the front sends it.
+/// A framework response as hyper sends it.
 pub fn from_poem(response: poem::Response) -> Answer {
     hyper::Response::<BoxBody<Bytes, std::io::Error>>::from(response).map(Either::Right)
 }
@@ -109,20 +208,35 @@ struct Shared<E, R> {
     /// Where the hot route's requests are counted (the edge counts the others).
     metrics: Option<Metrics>,
     local_addr: SocketAddr,
+    /// How hyper drives a connection handed to it.
+    http1: http1::Builder,
 }
 
 impl<E: Endpoint, R: HotRoute> Shared<E, R> {
-    async fn answer(&self, request: HotRequest, remote_addr: SocketAddr) -> Answer {
-        let request = if self.hot.matches(request.method(), request.uri().path()) {
-            match self.answer_hot(request).await {
-                Ok(answer) => return answer,
-                Err(request) => request,
-            }
-        } else {
-            request
+    /// A request on a connection hyper drives: the hot route's when it wants it, else the
+    /// framework's.
+    async fn answer(&self, request: HyperRequest, remote_addr: SocketAddr) -> Answer {
+        let (parts, body) = request.into_parts();
+        let head = Head {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            headers: Headers::Map(&parts.headers),
         };
+        if self.hot.wants(&head) {
+            let body = read_body_limited(body, self.hot.body_limit()).await;
+            let body = body.as_deref().map_err(Clone::clone);
+            let (reply, request_id) = self.answer_hot(&head, body).await;
+            let mut answer = match reply {
+                Reply::Json(status, body) => json(status, body),
+                Reply::Response(response) => from_poem(response),
+            };
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                answer.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
+            return answer;
+        }
         let request = poem::Request::from((
-            request,
+            hyper::Request::from_parts(parts, body),
             LocalAddr(self.local_addr.into()),
             RemoteAddr(remote_addr.into()),
             poem::http::uri::Scheme::HTTP,
@@ -130,20 +244,28 @@ impl<E: Endpoint, R: HotRoute> Shared<E, R> {
         from_poem(self.endpoint.get_response(request).await)
     }
 
-    /// The hot route with the edge's duties around it.
-    async fn answer_hot(&self, request: HotRequest) -> Result<Answer, HotRequest> {
+    /// The hot route with the edge's duties around it: the request id, the span, the metrics.
+    /// A body already refused is answered with its problem.
+    async fn answer_hot(&self, head: &Head<'_>, body: Result<&[u8], Problem>) -> (Reply, String) {
         let started = Instant::now();
-        let request_id = request_id_from(request.headers());
-        let method = request.method().clone();
-        let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %request.uri().path());
-        let mut answer = self.hot.call(request, &request_id).instrument(span).await?;
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            answer.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
+        let request_id = request_id_or_new(head.header(REQUEST_ID_HEADER));
+        let reply = match body {
+            Ok(body) => {
+                let span = tracing::info_span!("request", request_id = %request_id, method = %head.method, path = %head.path);
+                let call = self.hot.call(head, body, &request_id);
+                // Logging at `warn` (the load setting) disables the span: no wrapper then.
+                if span.is_disabled() {
+                    call.await
+                } else {
+                    call.instrument(span).await
+                }
+            }
+            Err(problem) => Reply::Response(problem.into_response()),
+        };
         if let Some(metrics) = &self.metrics {
-            metrics.observe_http(method.as_str(), answer.status().as_u16(), started.elapsed());
+            metrics.observe_http(head.method, reply.status().as_u16(), started.elapsed());
         }
-        Ok(answer)
+        (reply, request_id)
     }
 }
 
@@ -216,14 +338,17 @@ where
     R: HotRoute,
 {
     let local_addr = listener.local_addr()?;
+    let mut http1 = http1::Builder::new();
+    http1.keep_alive(true);
     let shared = Arc::new(Shared {
         endpoint,
         hot,
         metrics,
         local_addr,
+        http1,
     });
     let Loops::Threads(threads) = loops else {
-        let (connections, accepted) = tokio::sync::mpsc::unbounded_channel();
+        let (connections, accepted) = mpsc::unbounded_channel();
         let (served, ()) = tokio::join!(drive(shared, accepted), async move {
             accept(listener, &[connections], shutdown).await;
         });
@@ -232,7 +357,7 @@ where
     let mut senders = Vec::with_capacity(threads);
     let mut finished = Vec::with_capacity(threads);
     for index in 0..threads {
-        let (connections, accepted) = tokio::sync::mpsc::unbounded_channel();
+        let (connections, accepted) = mpsc::unbounded_channel();
         let (done, finished_rx) = tokio::sync::oneshot::channel();
         let shared = shared.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -265,7 +390,7 @@ type Accepted = (std::net::TcpStream, SocketAddr);
 /// the senders, which tells the loops to finish.
 async fn accept(
     listener: TcpListener,
-    loops: &[tokio::sync::mpsc::UnboundedSender<Accepted>],
+    loops: &[mpsc::UnboundedSender<Accepted>],
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -294,40 +419,37 @@ async fn accept(
     }
 }
 
-/// Serves the connections handed over until the acceptor stops, then drains them for at most
-/// [`SHUTDOWN_GRACE`].
+/// Serves the connections handed over until the acceptor stops, then lets them finish the
+/// requests they are answering for at most [`SHUTDOWN_GRACE`]: idle connections close at once,
+/// busy ones after their answer.
 async fn drive<E, R>(
     shared: Arc<Shared<E, R>>,
-    mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    mut accepted: mpsc::UnboundedReceiver<Accepted>,
 ) -> anyhow::Result<()>
 where
     E: Endpoint + 'static,
     R: HotRoute,
 {
-    let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder.keep_alive(true);
+    let (stop, stopping) = watch::channel(false);
+    // Every connection holds a clone; `recv` answers `None` once the last one has ended.
+    let (alive, mut all_ended) = mpsc::channel::<Infallible>(1);
     while let Some((stream, remote_addr)) = accepted.recv().await {
-        let stream = match tokio::net::TcpStream::from_std(stream) {
+        let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::warn!(error = %err, "registering a connection failed");
                 continue;
             }
         };
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |request: HotRequest| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.answer(request, remote_addr).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let (shared, stopping, alive) = (shared.clone(), stopping.clone(), alive.clone());
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "connection ended with an error");
-            }
+            serve_connection(shared, stream, remote_addr, stopping).await;
+            drop(alive);
         });
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    let _ = stop.send(true);
+    drop(alive);
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_ended.recv())
         .await
         .is_err()
     {
@@ -337,6 +459,293 @@ where
         );
     }
     Ok(())
+}
+
+/// Resolves once the server is stopping.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // An error means the server is gone: stopped too.
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// One connection: hot requests answered in the front's own loop, then, from the first request
+/// that is not one, hyper.
+async fn serve_connection<E, R>(
+    shared: Arc<Shared<E, R>>,
+    mut stream: TcpStream,
+    remote_addr: SocketAddr,
+    mut stopping: watch::Receiver<bool>,
+) where
+    E: Endpoint + 'static,
+    R: HotRoute,
+{
+    let mut buffer = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        if buffer.is_empty() {
+            // Idle between requests: a stop closes the connection here.
+            tokio::select! {
+                biased;
+                () = stopped(&mut stopping) => return,
+                read = stream.read_buf(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+            }
+        }
+        let step = match hot_step(&shared, &buffer, &mut out).await {
+            Ok(step) => step,
+            // The client went away while its answer was being written.
+            Err(_) => return,
+        };
+        match step {
+            Step::Answered(consumed) => {
+                buffer.advance(consumed);
+                if let Err(_gone) = stream.write_all(&out).await {
+                    return;
+                }
+            }
+            Step::NeedMore => match stream.read_buf(&mut buffer).await {
+                // Closed in the middle of a request: nothing to answer.
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            Step::HandOver => break,
+        }
+    }
+    let io = TokioIo::new(Rewind {
+        read: buffer.freeze(),
+        stream,
+    });
+    let answering = shared.clone();
+    let service = hyper::service::service_fn(move |request: HyperRequest| {
+        let shared = answering.clone();
+        async move { Ok::<_, Infallible>(shared.answer(request, remote_addr).await) }
+    });
+    let connection = shared.http1.serve_connection(io, service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = stopped(&mut stopping) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+/// What the front's loop did with the bytes buffered.
+enum Step {
+    /// Answered the first request, which took this many bytes; the answer is in `out`.
+    Answered(usize),
+    /// The first request is not complete yet.
+    NeedMore,
+    /// The first request is not a plain hot one: hyper takes the connection.
+    HandOver,
+}
+
+/// Parses the first request buffered and answers it into `out` when it is the hot route's and
+/// plain.
+async fn hot_step<E: Endpoint, R: HotRoute>(
+    shared: &Shared<E, R>,
+    buffer: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<Step> {
+    let mut fields = [httparse::EMPTY_HEADER; HOT_HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut fields);
+    let head_len = match request.parse(buffer) {
+        Ok(httparse::Status::Complete(head_len)) => head_len,
+        Ok(httparse::Status::Partial) if buffer.len() < HOT_HEAD_MAX_BYTES => {
+            return Ok(Step::NeedMore);
+        }
+        // Malformed, too many fields or too long: hyper answers it as it answers any other.
+        _ => return Ok(Step::HandOver),
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
+    else {
+        return Ok(Step::HandOver);
+    };
+    let head = Head {
+        method,
+        path: target.split_once('?').map_or(target, |(path, _)| path),
+        headers: Headers::Parsed(request.headers),
+    };
+    let Some(body_len) = plain_body_len(request.headers, shared.hot.body_limit()) else {
+        return Ok(Step::HandOver);
+    };
+    if !shared.hot.wants(&head) {
+        return Ok(Step::HandOver);
+    }
+    let Some(body) = buffer.get(head_len..head_len + body_len) else {
+        return Ok(Step::NeedMore);
+    };
+    let (reply, request_id) = shared.answer_hot(&head, Ok(body)).await;
+    write_reply(out, reply, &request_id).await?;
+    Ok(Step::Answered(head_len + body_len))
+}
+
+/// The body length of a request the front's loop answers itself: one `Content-Length` (or
+/// none: no body) within `limit`, and no field that asks for more than a plain exchange.
+fn plain_body_len(fields: &[httparse::Header<'_>], limit: usize) -> Option<usize> {
+    let mut length = None;
+    for field in fields {
+        let name = field.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if length.is_some() {
+                return None;
+            }
+            let digits = std::str::from_utf8(field.value).ok()?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            length = Some(digits.parse::<usize>().ok()?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("connection")
+        {
+            return None;
+        }
+    }
+    let length = length.unwrap_or(0);
+    (length <= limit).then_some(length)
+}
+
+/// Writes a whole HTTP/1.1 answer into `out`: the status line, the reply's fields, the request
+/// id, `Content-Length` and `Date`, then the body.
+async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) -> std::io::Result<()> {
+    out.clear();
+    let (status, body) = match reply {
+        Reply::Json(status, body) => {
+            status_line(out, status);
+            field(out, "content-type", JSON_CONTENT_TYPE.as_bytes());
+            (status, body)
+        }
+        Reply::Response(response) => {
+            let status = response.status();
+            status_line(out, status);
+            for (name, value) in response.headers() {
+                // Framing is the front's; the request id is set below.
+                if name != header::CONTENT_LENGTH
+                    && name != header::TRANSFER_ENCODING
+                    && name != header::CONNECTION
+                    && name.as_str() != REQUEST_ID_HEADER
+                {
+                    field(out, name.as_str(), value.as_bytes());
+                }
+            }
+            let body = response
+                .into_body()
+                .into_bytes()
+                .await
+                .map_err(std::io::Error::other)?;
+            (status, body)
+        }
+    };
+    field(out, REQUEST_ID_HEADER, request_id.as_bytes());
+    let mut length = itoa::Buffer::new();
+    field(out, "content-length", length.format(body.len()).as_bytes());
+    DATE.with(|date| field(out, "date", date.borrow_mut().now()));
+    out.extend_from_slice(b"\r\n");
+    // A 204 or 304 has no body by definition.
+    if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
+        out.extend_from_slice(&body);
+    }
+    Ok(())
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    static DATE: std::cell::RefCell<HttpDate> = const {
+        std::cell::RefCell::new(HttpDate { second: u64::MAX, text: String::new() })
+    };
+}
+
+/// The `Date` field's value, formatted once a second per thread (as hyper does).
+struct HttpDate {
+    second: u64,
+    text: String,
+}
+
+impl HttpDate {
+    fn now(&mut self) -> &[u8] {
+        let now = std::time::SystemTime::now();
+        let second = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if second != self.second {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now);
+        }
+        self.text.as_bytes()
+    }
+}
+
+/// A connection handed to hyper: the bytes the front's loop read first, then the socket.
+struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let take = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..take]);
+        self.read.advance(take);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -383,5 +792,86 @@ mod tests {
             Loops::per_core(),
             Loops::Threads(1..=MAX_LOOP_THREADS)
         ));
+    }
+
+    fn field<'a>(name: &'a str, value: &'a str) -> httparse::Header<'a> {
+        httparse::Header {
+            name,
+            value: value.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn only_plain_framing_stays_in_the_front() {
+        let len = |fields: &[httparse::Header<'_>]| plain_body_len(fields, 100);
+        assert_eq!(len(&[]), Some(0), "no body");
+        assert_eq!(
+            len(&[field("Host", "x"), field("Content-Length", "12")]),
+            Some(12)
+        );
+        assert_eq!(
+            len(&[field("content-length", "100")]),
+            Some(100),
+            "at the bound"
+        );
+        for unusual in [
+            vec![field("content-length", "101")],
+            vec![field("content-length", "1"), field("Content-Length", "1")],
+            vec![field("content-length", "+1")],
+            vec![field("content-length", "")],
+            vec![field("content-length", "99999999999999999999999")],
+            vec![field("Transfer-Encoding", "chunked")],
+            vec![field("Expect", "100-continue")],
+            vec![field("Connection", "close")],
+            vec![field("Upgrade", "h2c")],
+        ] {
+            assert_eq!(len(&unusual), None, "{unusual:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_one_whole_http_message() {
+        let mut out = Vec::new();
+        write_reply(
+            &mut out,
+            Reply::Json(StatusCode::OK, Bytes::from_static(b"{}")),
+            "id-1",
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("\r\ncontent-type: application/json; charset=utf-8\r\n"));
+        assert!(text.contains("\r\nx-request-id: id-1\r\n"));
+        assert!(text.contains("\r\ncontent-length: 2\r\n"));
+        assert!(text.contains("\r\ndate: "));
+        assert!(text.ends_with("\r\n\r\n{}"), "{text}");
+
+        let problem = Problem::bad_request("invalid_body", "no").into_response();
+        write_reply(&mut out, Reply::Response(problem), "id-2")
+            .await
+            .unwrap();
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut fields);
+        let httparse::Status::Complete(head_len) = response.parse(&out).unwrap() else {
+            panic!("a whole head");
+        };
+        assert_eq!(response.code, Some(400));
+        let value = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|field| field.name.eq_ignore_ascii_case(name))
+                .map(|field| String::from_utf8_lossy(field.value).into_owned())
+        };
+        assert_eq!(
+            value("content-type").as_deref(),
+            Some("application/problem+json")
+        );
+        assert_eq!(value("x-request-id").as_deref(), Some("id-2"));
+        let length: usize = value("content-length").unwrap().parse().unwrap();
+        assert_eq!(length, out.len() - head_len);
+        let body: serde_json::Value = serde_json::from_slice(&out[head_len..]).unwrap();
+        assert_eq!(body["code"], "invalid_body");
     }
 }

@@ -269,16 +269,25 @@ pub fn request_id_of(request: &Request) -> String {
 
 /// The request id in these headers when it is sane, else a new one.
 pub fn request_id_from(headers: &poem::http::HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
+    request_id_or_new(
+        headers
+            .get(REQUEST_ID_HEADER)
+            .map(poem::http::HeaderValue::as_bytes),
+    )
+}
+
+/// The client's request id (the header's value) when it is sane, else a new one.
+pub fn request_id_or_new(given: Option<&[u8]>) -> String {
+    given
         .filter(|id| {
             !id.is_empty()
                 && id.len() <= MAX_REQUEST_ID_LEN
                 && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         })
+        // Sane ids are ASCII, so this never fails.
+        .and_then(|id| std::str::from_utf8(id).ok())
         .map_or_else(new_request_id, str::to_owned)
 }
 

@@ -15,7 +15,7 @@ use redpacket_campaign::api::{
 };
 use redpacket_common::Problem;
 use redpacket_common::auth::{Claims, Role};
-use redpacket_common::front::{self, Answer, HotRequest, HotRoute};
+use redpacket_common::front::{self, Head, HotRoute, Reply};
 use redpacket_common::http::{REQUEST_ID_HEADER, StrictJson};
 use redpacket_saga_worker::api::{DeadLetterList, SagaView};
 use redpacket_wallet::api::EntryPageView;
@@ -838,30 +838,77 @@ fn campaign_id_of(path: &str) -> Option<&str> {
     front::path_segment(path, "/v1/campaigns/", "/grab")
 }
 
+/// The token of an `Authorization: Bearer` field, read as the documented operation reads it:
+/// the scheme in any case, one space, a visible-ASCII value, leading blanks of the token
+/// skipped.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    const SCHEME: &[u8] = b"Bearer ";
+    let visible = value
+        .iter()
+        .all(|&b| (b' '..0x7f).contains(&b) || b == b'\t');
+    if !visible || value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME)
+    {
+        return None;
+    }
+    let token = std::str::from_utf8(&value[SCHEME.len()..]).ok()?;
+    Some(token.trim_start())
+}
+
 impl HotRoute for HotGrab {
-    fn matches(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && campaign_id_of(path).is_some()
+    fn wants(&self, head: &Head<'_>) -> bool {
+        head.method() == "POST"
+            && campaign_id_of(head.path()).is_some()
+            && head
+                .header("authorization")
+                .and_then(bearer_token)
+                .is_some()
     }
 
-    async fn call(&self, request: HotRequest, request_id: &str) -> Result<Answer, HotRequest> {
-        use poem::web::headers::authorization::Bearer as BearerHeader;
-        use poem::web::headers::{Authorization, HeaderMapExt};
-        let Some(bearer) = request.headers().typed_get::<Authorization<BearerHeader>>() else {
-            return Err(request);
-        };
+    /// The grab has no body; one sent is ignored, as the documented operation ignores it.
+    async fn call(&self, head: &Head<'_>, _body: &[u8], request_id: &str) -> Reply {
+        let token = head
+            .header("authorization")
+            .and_then(bearer_token)
+            .unwrap_or_default();
         let gateway = &*self.gateway;
         let _permit = match gateway.admit() {
             Ok(permit) => permit,
-            Err(refused) => return Ok(front::from_poem(refused.into_response())),
+            Err(refused) => return Reply::Response(refused.into_response()),
         };
-        let caller = match authenticate_token(gateway, request_id, bearer.token(), &[Role::User]) {
+        let caller = match authenticate_token(gateway, request_id, token, &[Role::User]) {
             Ok(caller) => caller,
-            Err(err) => return Ok(front::from_poem(front::error_response(err))),
+            Err(err) => return Reply::Response(front::error_response(err)),
         };
-        let id = campaign_id_of(request.uri().path()).unwrap_or_default();
-        Ok(match relay_grab(gateway, &caller, id).await {
-            Ok(raw) => front::json(StatusCode::OK, raw.into_body()),
-            Err(err) => front::from_poem(err.into_response()),
-        })
+        let id = campaign_id_of(head.path()).unwrap_or_default();
+        match relay_grab(gateway, &caller, id).await {
+            Ok(raw) => Reply::Json(StatusCode::OK, raw.into_body()),
+            Err(err) => Reply::Response(err.into_response()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn a_bearer_token_is_read_as_the_documented_operation_reads_it() {
+        assert_eq!(bearer_token(b"Bearer abc.def"), Some("abc.def"));
+        assert_eq!(bearer_token(b"bEARER abc"), Some("abc"), "any case");
+        assert_eq!(bearer_token(b"Bearer   abc"), Some("abc"), "blanks skipped");
+        assert_eq!(
+            bearer_token(b"Bearer "),
+            Some(""),
+            "empty: refused as a bad token"
+        );
+        for refused in [
+            &b"Bearer"[..],
+            b"Basic abc",
+            b"Bearerabc",
+            b"Bearer ab\xffc",
+            b"Bearer ab\x01c",
+        ] {
+            assert_eq!(bearer_token(refused), None, "{refused:?}");
+        }
     }
 }

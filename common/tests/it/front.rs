@@ -3,30 +3,38 @@
 
 use std::time::Duration;
 
-use poem::http::{Method, StatusCode};
+use poem::http::StatusCode;
 use poem::{Route, get, handler, post};
-use redpacket_common::front::{self, Answer, HotRequest, HotRoute, Loops};
+use redpacket_common::front::{self, Head, HotRoute, Loops, Reply};
 use redpacket_common::http::BoundListener;
 use redpacket_common::telemetry::Metrics;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-/// Answers `POST /hot/{x}` itself with the request id and the loop it ran on, except
-/// `/hot/defer`, which it gives back to the framework.
+/// Answers `POST /hot/{x}` itself with the request id, the loop it ran on and the body it got,
+/// except `/hot/defer`, which it leaves to the framework. Bodies are bounded to 64 bytes.
 struct Hot;
 
 impl HotRoute for Hot {
-    fn matches(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && path.starts_with("/hot/")
+    fn wants(&self, head: &Head<'_>) -> bool {
+        head.method() == "POST" && head.path().starts_with("/hot/") && head.path() != "/hot/defer"
     }
 
-    async fn call(&self, request: HotRequest, request_id: &str) -> Result<Answer, HotRequest> {
-        if request.uri().path() == "/hot/defer" {
-            return Err(request);
-        }
+    fn body_limit(&self) -> usize {
+        64
+    }
+
+    async fn call(&self, _head: &Head<'_>, body: &[u8], request_id: &str) -> Reply {
         let on_loop = front::loop_index().is_some();
-        Ok(front::json(
+        let body = String::from_utf8_lossy(body);
+        Reply::Json(
             StatusCode::OK,
-            serde_json::to_vec(&serde_json::json!({"id": request_id, "on_loop": on_loop})).unwrap(),
-        ))
+            serde_json::to_vec(
+                &serde_json::json!({"id": request_id, "on_loop": on_loop, "body": body}),
+            )
+            .unwrap()
+            .into(),
+        )
     }
 }
 
@@ -131,4 +139,246 @@ async fn on_the_shared_runtime() {
 #[tokio::test]
 async fn on_event_loop_threads() {
     serves_hot_and_framework_routes_and_stops_cleanly(Loops::Threads(3)).await;
+}
+
+/// A server with the [`Hot`] route on two event loops; the sender stops it.
+async fn start() -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = BoundListener::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().to_string();
+    let routes = Route::new()
+        .at("/hot/:x", post(framework))
+        .at("/plain", get(framework));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(listener.serve_with_hot_route(
+        routes,
+        Hot,
+        Metrics::new("front_raw"),
+        Loops::Threads(2),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (addr, stop, server)
+}
+
+/// One answer read off a raw connection.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(field, _)| field.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|err| panic!("{err}: {self:?}"))
+    }
+}
+
+/// Reads one `Content-Length`-framed answer; what follows it stays in `buffer`.
+async fn read_answer(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Raw {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut fields);
+        if let httparse::Status::Complete(head_len) = response.parse(buffer).unwrap() {
+            let headers: Vec<(String, String)> = response
+                .headers
+                .iter()
+                .map(|field| {
+                    (
+                        field.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(field.value).into_owned(),
+                    )
+                })
+                .collect();
+            let status = response.code.unwrap();
+            let length: usize = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .map_or(0, |(_, value)| value.parse().unwrap());
+            if buffer.len() >= head_len + length {
+                let body =
+                    String::from_utf8_lossy(&buffer[head_len..head_len + length]).into_owned();
+                buffer.drain(..head_len + length);
+                return Raw {
+                    status,
+                    headers,
+                    body,
+                };
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(read > 0, "closed before a whole answer: {buffer:?}");
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Whether the server closes the connection (within 5 s).
+async fn closed(stream: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn plain_hot_requests_are_answered_in_place_pipelined_and_split_anywhere() {
+    let (addr, stop, server) = start().await;
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let mut buffer = Vec::new();
+    // Two requests in one write, the second with a body and a query.
+    stream
+        .write_all(
+            b"POST /hot/a HTTP/1.1\r\nHost: x\r\nX-Request-Id: one\r\n\r\n\
+              POST /hot/b?x=1 HTTP/1.1\r\nHost: x\r\nx-request-id: two\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .await
+        .unwrap();
+    let first = read_answer(&mut stream, &mut buffer).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-request-id"), Some("one"));
+    assert_eq!(
+        first.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert!(first.header("date").is_some());
+    assert_eq!(first.json()["body"], "");
+    assert_eq!(first.json()["on_loop"], true);
+    let second = read_answer(&mut stream, &mut buffer).await;
+    assert_eq!(second.json()["id"], "two");
+    assert_eq!(second.json()["body"], "hello");
+
+    // One request in pieces: inside the request line, inside a header, inside the body.
+    let request: &[u8] =
+        b"POST /hot/c HTTP/1.1\r\nHost: x\r\nx-request-id: three\r\ncontent-length: 11\r\n\r\nhello world";
+    for piece in [
+        &request[..7],
+        &request[7..40],
+        &request[40..request.len() - 3],
+        &request[request.len() - 3..],
+    ] {
+        stream.write_all(piece).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = read_answer(&mut stream, &mut buffer).await;
+    assert_eq!(third.json()["id"], "three");
+    assert_eq!(third.json()["body"], "hello world");
+    // An insane client id is replaced.
+    stream
+        .write_all(b"POST /hot/d HTTP/1.1\r\nx-request-id: no spaces please\r\n\r\n")
+        .await
+        .unwrap();
+    let fourth = read_answer(&mut stream, &mut buffer).await;
+    let id = fourth.header("x-request-id").unwrap();
+    assert!(!id.contains(' ') && !id.is_empty(), "{id}");
+    assert_eq!(fourth.json()["id"], id);
+
+    let _ = stop.send(());
+    assert!(
+        closed(&mut stream).await,
+        "an idle connection closes on stop"
+    );
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops promptly")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn anything_else_hands_the_connection_to_hyper_with_the_bytes_already_read() {
+    let (addr, stop, server) = start().await;
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let mut buffer = Vec::new();
+    // Answered in place, then a framework request arrives together with a hot one behind it.
+    stream
+        .write_all(b"POST /hot/a HTTP/1.1\r\nx-request-id: in-place\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer).await.json()["id"],
+        "in-place"
+    );
+    stream
+        .write_all(
+            b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n\
+              POST /hot/b HTTP/1.1\r\nHost: x\r\nx-request-id: via-hyper\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let plain = read_answer(&mut stream, &mut buffer).await;
+    assert_eq!((plain.status, plain.body.as_str()), (200, "framework"));
+    let hot = read_answer(&mut stream, &mut buffer).await;
+    assert_eq!(hot.status, 200, "{hot:?}");
+    assert_eq!(hot.header("x-request-id"), Some("via-hyper"));
+    assert_eq!(
+        hot.json()["body"],
+        "abc",
+        "a chunked body: hyper reads it, the hot route answers"
+    );
+    // The deferred path goes to the framework on either driver.
+    stream
+        .write_all(b"POST /hot/defer HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer).await.body,
+        "framework"
+    );
+
+    // A body over the route's bound: refused before the route runs, on a fresh connection.
+    let mut big = TcpStream::connect(&addr).await.unwrap();
+    big.write_all(b"POST /hot/a HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\n")
+        .await
+        .unwrap();
+    big.write_all(&[b'x'; 65]).await.unwrap();
+    let refused = read_answer(&mut big, &mut Vec::new()).await;
+    assert_eq!(refused.status, 413, "{refused:?}");
+    assert_eq!(refused.json()["code"], "payload_too_large");
+    assert!(refused.header("x-request-id").is_some());
+
+    // A malformed head gets hyper's 400 and the connection closes.
+    let mut bad = TcpStream::connect(&addr).await.unwrap();
+    bad.write_all(b"POST /hot/a HTTP/1.1\r\nBad Header\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut bad, &mut Vec::new()).await.status, 400);
+    assert!(closed(&mut bad).await);
+
+    // `Connection: close` is honoured: answered, then closed.
+    let mut once = TcpStream::connect(&addr).await.unwrap();
+    once.write_all(b"POST /hot/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut once, &mut Vec::new()).await.status, 200);
+    assert!(closed(&mut once).await);
+
+    // A connection hyper drives also closes on stop.
+    let _ = stop.send(());
+    assert!(closed(&mut stream).await);
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops promptly")
+        .unwrap()
+        .unwrap();
 }
