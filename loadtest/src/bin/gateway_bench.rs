@@ -63,8 +63,9 @@ struct Args {
     /// has too (one worker thread per core).
     #[arg(long, default_value = "auto")]
     nginx_workers: String,
-    /// Packets of the hot campaign (1 minor unit each); enough that no run sells it out.
-    #[arg(long, default_value_t = 4_000_000)]
+    /// Packets of the hot campaign (1 minor unit each); enough that no run sells it out (three
+    /// rounds take about 4,000,000 here).
+    #[arg(long, default_value_t = 6_000_000)]
     packets: i64,
     /// Distinct users per target, cycled (the campaign allows each 100 claims; the gateway's
     /// per-user limit stays at its default and is never reached).
@@ -873,6 +874,9 @@ async fn wait_active(
         match campaign["status"].as_str() {
             Some("active") => return Ok(()),
             Some("funding" | "scheduled") => {}
+            // Loading millions of packets keeps the campaign service busy: a slow answer is
+            // asked again.
+            None if campaign["code"] == "upstream_timeout" => {}
             _ => anyhow::bail!("campaign {id} did not become active: {campaign}"),
         }
         anyhow::ensure!(
