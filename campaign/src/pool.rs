@@ -26,6 +26,8 @@ use redis::{AsyncCommands, Script};
 
 /// Packets pushed per command when loading a pool.
 const LOAD_CHUNK: usize = 10_000;
+/// Packets pushed per round trip when loading a pool (a few milliseconds of Redis's time).
+const LOAD_TRIP: usize = 50_000;
 
 /// What the pool needs to know about a campaign.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,16 +408,24 @@ impl PacketPool for RedisPool {
         // touched them (grabs need the meta hash), so they are safe to drop.
         let _: () = connection.del(&keys.buckets).await?;
         let bucket_count = keys.buckets.len();
-        let mut per_bucket: Vec<Vec<String>> = vec![Vec::new(); bucket_count];
-        for (seq, amount) in packets.iter().enumerate() {
-            per_bucket[seq % bucket_count].push(format!("{seq}:{amount}"));
-        }
-        for (bucket, items) in keys.buckets.iter().zip(per_bucket) {
-            let mut pipeline = redis::pipe();
-            for chunk in items.chunks(LOAD_CHUNK) {
-                pipeline.rpush(bucket, chunk).ignore();
+        for (first, bucket) in keys.buckets.iter().enumerate() {
+            // Packet `seq` goes to bucket `seq % buckets`, in order. Written a round trip of
+            // `LOAD_TRIP` packets at a time, formatted just before: the grabs of live campaigns
+            // share this connection and wait behind each round trip, and a 10,000,000-packet
+            // campaign is never held as strings all at once.
+            let mut seqs = (first..packets.len()).step_by(bucket_count).peekable();
+            while seqs.peek().is_some() {
+                let items: Vec<String> = seqs
+                    .by_ref()
+                    .take(LOAD_TRIP)
+                    .map(|seq| format!("{seq}:{}", packets[seq]))
+                    .collect();
+                let mut pipeline = redis::pipe();
+                for chunk in items.chunks(LOAD_CHUNK) {
+                    pipeline.rpush(bucket, chunk).ignore();
+                }
+                let _: () = pipeline.query_async(&mut connection).await?;
             }
-            let _: () = pipeline.query_async(&mut connection).await?;
         }
         let total: i64 = packets.iter().sum();
         let mut invocation = self.load_meta_script.key(&keys.meta);

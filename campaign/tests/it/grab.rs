@@ -401,3 +401,73 @@ async fn the_grab_carries_request_ids_and_is_counted(setup: Setup) {
     app.stop().await;
 }
 on_every_pool!(the_grab_carries_request_ids_and_is_counted);
+
+/// A pool larger than one load round trip per bucket lands whole: every packet once, in its
+/// bucket (`seq % buckets`), in order, with its amount.
+#[tokio::test]
+async fn a_large_pool_is_loaded_whole_and_in_order() {
+    use redis::AsyncCommands;
+    use redpacket_campaign::RedisPool;
+    use redpacket_campaign::pool::{PacketPool, PoolCampaign};
+
+    let url = redpacket_common::testing::redis_url();
+    let prefix = format!("rpt:{}", uuid::Uuid::new_v4().simple());
+    let pool = RedisPool::connect(&url, &prefix).await.unwrap();
+    let buckets = 3_u32;
+    let packets: Vec<i64> = (0..180_001).map(|seq| 1 + seq % 97).collect();
+    let now = redpacket_common::time::now_ms();
+    let campaign = PoolCampaign {
+        id: 7,
+        currency: "CNY".to_owned(),
+        starts_at_ms: now,
+        ends_at_ms: now + 60_000,
+        per_user_limit: 1,
+        buckets,
+    };
+    assert!(pool.load(&campaign, &packets).await.unwrap());
+    assert!(
+        !pool.load(&campaign, &packets).await.unwrap(),
+        "a second load changes nothing"
+    );
+
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = connection.keys(format!("{prefix}:*")).await.unwrap();
+    let mut seen = vec![false; packets.len()];
+    let mut lists = 0;
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if kind != "list" {
+            continue;
+        }
+        lists += 1;
+        let items: Vec<String> = connection.lrange(&key, 0, -1).await.unwrap();
+        let mut last = None;
+        for item in items {
+            let (seq, amount) = item.split_once(':').unwrap();
+            let (seq, amount): (usize, i64) = (seq.parse().unwrap(), amount.parse().unwrap());
+            assert_eq!(amount, packets[seq], "packet {seq}");
+            assert!(last.is_none_or(|last| last < seq), "{key}: in order");
+            assert!(
+                last.is_none_or(|last| (seq - last) == buckets as usize),
+                "{key}: one bucket's packets"
+            );
+            assert!(
+                !std::mem::replace(&mut seen[seq], true),
+                "packet {seq} twice"
+            );
+            last = Some(seq);
+        }
+    }
+    assert_eq!(lists, buckets);
+    assert!(seen.iter().all(|seen| *seen), "every packet loaded");
+    let leftovers: Vec<String> = connection.keys(format!("{prefix}:*")).await.unwrap();
+    let _: () = connection.del(leftovers).await.unwrap();
+}
