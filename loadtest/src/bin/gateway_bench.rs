@@ -4,7 +4,9 @@
 //!   limited per user, per campaign and globally, relayed through the campaign circuit breaker);
 //! - **direct**: `POST /campaigns/{id}/grab` on the campaign service itself;
 //! - **nginx**: the same request through Debian's nginx reverse proxy (keep-alive upstream) in
-//!   front of the same campaign service.
+//!   front of the same campaign service;
+//! - **raw**: the Redis grab script called directly by as many callers (the load harness's
+//!   `--baseline`), once a round: the ceiling of every grab path on this machine.
 //!
 //! The system runs as child processes of the release `redpacket` binary (wallet, campaign, saga
 //! worker, gateway), each service on its own scratch PostgreSQL database, with a fresh Redis key
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use loadtest::harness::baseline::raw_grabs;
 use loadtest::{ScratchDatabases, WrkReport, ratio, unlink_prefix, wrk, wrk_installed};
 use redpacket_common::auth::{Role, TokenKey};
 use redpacket_common::time::rfc3339_in;
@@ -664,6 +667,7 @@ async fn run(
         args.users
     );
     let mut results: Vec<(usize, Target, WrkReport, Cpu)> = Vec::new();
+    let mut raw_rates = Vec::new();
     for round in 0..args.rounds {
         for offset in 0..targets.len() {
             let (target, script, base) = &targets[(round + offset) % targets.len()];
@@ -684,6 +688,21 @@ async fn run(
             );
             results.push((round + 1, *target, report, cpu));
         }
+        // The raw Redis grab script at the same concurrency, as the load harness's baseline
+        // measures it: the ceiling of any grab path on this machine.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let prefix = format!("rpbench:{run_id}:raw{round}");
+        let raw = raw_grabs(&args.redis_url, &prefix, args.connections, duration).await;
+        unlink_prefix(&args.redis_url, &prefix).await?;
+        let raw = raw?;
+        println!(
+            "  round {} raw      {:>7} calls/s  (the Redis grab script, {} callers, {} failed)",
+            round + 1,
+            raw.per_second(),
+            args.connections,
+            raw.failed
+        );
+        raw_rates.push(raw.per_second());
     }
 
     // 5. The figures.
@@ -787,6 +806,14 @@ async fn run(
         "gateway / direct throughput: {}; nginx / direct: {}",
         ratio(gateway.rate, direct.rate),
         ratio(nginx.rate, direct.rate)
+    );
+    let raw = median(raw_rates).unwrap_or(0);
+    println!(
+        "raw Redis grab script, median {raw} calls/s at concurrency {}: gateway {}, nginx {}, direct {} of it",
+        args.connections,
+        ratio(gateway.rate, raw),
+        ratio(nginx.rate, raw),
+        ratio(direct.rate, raw)
     );
     if let Some(b) = of(Target::GatewayB) {
         println!(

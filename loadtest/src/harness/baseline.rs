@@ -58,7 +58,9 @@ pub async fn measure(
     })
 }
 
-async fn raw_grabs(
+/// The raw Redis grab script called directly by `concurrency` callers for `duration`, on a
+/// scratch pool of its own under `prefix` (left for the caller to delete).
+pub async fn raw_grabs(
     redis_url: &str,
     prefix: &str,
     concurrency: usize,
