@@ -8,9 +8,9 @@
 //! gets a header map, a request and a response object, a body channel and the dispatcher's
 //! bookkeeping. A connection therefore starts in the front's own loop: each request head is
 //! parsed in place (`httparse`, no copy) and, when it is the hot route's and plain (HTTP/1.1,
-//! a `Content-Length` body within the route's bound, no `Transfer-Encoding`, `Expect`,
-//! `Upgrade` or `Connection` header), answered there and written in one buffer. The first
-//! request that is anything else (another route, a chunked body, a malformed head) hands the
+//! a `Content-Length` body within the route's bound, no `Transfer-Encoding`, `Expect` or
+//! `Upgrade` header, `Connection` at most `keep-alive`), answered there and written in one
+//! buffer. The first request that is anything else (another route, a chunked body, a malformed head) hands the
 //! connection, with the bytes already read, to hyper, which serves it from then on: the
 //! unusual cases get hyper's answers, exactly as before the loop existed.
 //!
@@ -600,10 +600,15 @@ fn plain_body_len(fields: &[httparse::Header<'_>], limit: usize) -> Option<usize
                 return None;
             }
             length = Some(digits.parse::<usize>().ok()?);
+        } else if name.eq_ignore_ascii_case("connection") {
+            // `keep-alive` is what HTTP/1.1 means anyway; anything else (`close`, `upgrade`,
+            // a list) is hyper's to handle.
+            if !field.value.eq_ignore_ascii_case(b"keep-alive") {
+                return None;
+            }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
-            || name.eq_ignore_ascii_case("connection")
         {
             return None;
         }
@@ -823,6 +828,7 @@ mod tests {
             vec![field("Transfer-Encoding", "chunked")],
             vec![field("Expect", "100-continue")],
             vec![field("Connection", "close")],
+            vec![field("Connection", "keep-alive, upgrade")],
             vec![field("Upgrade", "h2c")],
         ] {
             assert_eq!(len(&unusual), None, "{unusual:?}");

@@ -838,42 +838,47 @@ fn campaign_id_of(path: &str) -> Option<&str> {
     front::path_segment(path, "/v1/campaigns/", "/grab")
 }
 
+/// The scheme of an `Authorization` field: `Bearer`, in any case, then one space.
+fn is_bearer(value: &[u8]) -> bool {
+    const SCHEME: &[u8] = b"Bearer ";
+    value.len() >= SCHEME.len() && value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME)
+}
+
 /// The token of an `Authorization: Bearer` field, read as the documented operation reads it:
 /// the scheme in any case, one space, a visible-ASCII value, leading blanks of the token
 /// skipped.
 fn bearer_token(value: &[u8]) -> Option<&str> {
-    const SCHEME: &[u8] = b"Bearer ";
     let visible = value
         .iter()
         .all(|&b| (b' '..0x7f).contains(&b) || b == b'\t');
-    if !visible || value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME)
-    {
+    if !visible || !is_bearer(value) {
         return None;
     }
-    let token = std::str::from_utf8(&value[SCHEME.len()..]).ok()?;
+    let token = std::str::from_utf8(&value[7..]).ok()?;
     Some(token.trim_start())
 }
 
 impl HotRoute for HotGrab {
+    /// A grab with a bearer token; one without goes to the documented operation, which refuses
+    /// it.
     fn wants(&self, head: &Head<'_>) -> bool {
         head.method() == "POST"
             && campaign_id_of(head.path()).is_some()
-            && head
-                .header("authorization")
-                .and_then(bearer_token)
-                .is_some()
+            && head.header("authorization").is_some_and(is_bearer)
     }
 
     /// The grab has no body; one sent is ignored, as the documented operation ignores it.
     async fn call(&self, head: &Head<'_>, _body: &[u8], request_id: &str) -> Reply {
-        let token = head
-            .header("authorization")
-            .and_then(bearer_token)
-            .unwrap_or_default();
         let gateway = &*self.gateway;
         let _permit = match gateway.admit() {
             Ok(permit) => permit,
             Err(refused) => return Reply::Response(refused.into_response()),
+        };
+        // A value the documented operation cannot read as a bearer token (a byte outside
+        // visible ASCII) is refused there as no token at all, after the same admission.
+        let Some(token) = head.header("authorization").and_then(bearer_token) else {
+            let missing = poem::Error::from_status(StatusCode::UNAUTHORIZED);
+            return Reply::Response(front::error_response(missing));
         };
         let caller = match authenticate_token(gateway, request_id, token, &[Role::User]) {
             Ok(caller) => caller,
@@ -901,6 +906,7 @@ mod tests {
             Some(""),
             "empty: refused as a bad token"
         );
+        assert!(super::is_bearer(b"bearer x") && !super::is_bearer(b"Bearer"));
         for refused in [
             &b"Bearer"[..],
             b"Basic abc",

@@ -67,6 +67,7 @@ impl WirePool {
             return Err("a line break in the path or request id".to_owned());
         }
         let mut request = Vec::with_capacity(160 + path.len() + body.len());
+        let mut length = itoa::Buffer::new();
         for part in [
             "POST ",
             path,
@@ -75,7 +76,7 @@ impl WirePool {
             "\r\ncontent-type: application/json\r\nx-request-id: ",
             request_id,
             "\r\ncontent-length: ",
-            &body.len().to_string(),
+            length.format(body.len()),
             "\r\n\r\n",
         ] {
             request.extend_from_slice(part.as_bytes());

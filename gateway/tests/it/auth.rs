@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use redpacket_common::auth::{Role, TokenKey};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::system::{System, key, token};
 
@@ -105,6 +105,27 @@ async fn every_operation_checks_the_token_and_the_role() {
             .await;
         assert_eq!(status, 401, "{method} {path} without a token: {problem}");
         assert_eq!(problem["code"], "unauthorized");
+        // A value that is not a readable bearer token (a byte outside visible ASCII, no space
+        // after the scheme) counts as no token, on the hot grab as everywhere else.
+        for unreadable in [&b"Bearer ab\xffcd"[..], b"Bearer", b"Basic abc"] {
+            let response = system
+                .gateway
+                .client
+                .request(method.clone(), format!("{}{path}", system.gateway.url))
+                .header(
+                    "authorization",
+                    reqwest::header::HeaderValue::from_bytes(unreadable).unwrap(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 401, "{method} {path} {unreadable:?}");
+            let problem: Value = response.json().await.unwrap();
+            assert_eq!(
+                problem["code"], "unauthorized",
+                "{method} {path} {unreadable:?}"
+            );
+        }
         for (what, bad) in &bad_tokens {
             let (status, _, problem) = system
                 .gateway
