@@ -98,15 +98,6 @@ impl<'a> Head<'a> {
             Headers::Map(map) => map.get(name).map(HeaderValue::as_bytes),
         }
     }
-
-    /// A head over these parts, as a test or another front would build it.
-    pub fn from_parts(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> Self {
-        Head {
-            method,
-            path,
-            headers: Headers::Map(headers),
-        }
-    }
 }
 
 /// What a hot route answers.
