@@ -802,6 +802,20 @@ async fn run(
         ratio(micros(gateway.p99), micros(nginx.p99)),
         verdict(micros(gateway.p99).saturating_mul(100) <= micros(nginx.p99).saturating_mul(120))
     );
+    // The medians above decide; the totals over every round show the same comparison with the
+    // rounds' noise averaged instead of picked.
+    let total = |target: Target| -> u64 {
+        results
+            .iter()
+            .filter(|(_, t, _, _)| *t == target)
+            .map(|(_, _, report, _)| report.ok_per_second())
+            .sum()
+    };
+    println!(
+        "over all {} rounds: gateway / nginx throughput {}",
+        args.rounds,
+        ratio(total(Target::Gateway), total(Target::Nginx))
+    );
     println!(
         "gateway / direct throughput: {}; nginx / direct: {}",
         ratio(gateway.rate, direct.rate),
