@@ -471,12 +471,16 @@ async fn serve_connection<E, R>(
 {
     let mut buffer = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(1024);
+    // One wait for the stop for the connection's whole life: it registers with the signal
+    // once, not once per request.
+    let stop = stopped(&mut stopping);
+    tokio::pin!(stop);
     loop {
         if buffer.is_empty() {
             // Idle between requests: a stop closes the connection here.
             tokio::select! {
                 biased;
-                () = stopped(&mut stopping) => return,
+                () = &mut stop => return,
                 read = stream.read_buf(&mut buffer) => match read {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
@@ -516,7 +520,7 @@ async fn serve_connection<E, R>(
     tokio::pin!(connection);
     let ended = tokio::select! {
         ended = connection.as_mut() => ended,
-        () = stopped(&mut stopping) => {
+        () = &mut stop => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
