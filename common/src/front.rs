@@ -10,9 +10,9 @@
 //! parsed in place (`httparse`, no copy) and, when it is the hot route's and plain (HTTP/1.1,
 //! a `Content-Length` body within the route's bound, no `Transfer-Encoding`, `Expect` or
 //! `Upgrade` header, `Connection` at most `keep-alive`), answered there and written in one
-//! buffer. The first request that is anything else (another route, a chunked body, a malformed head) hands the
-//! connection, with the bytes already read, to hyper, which serves it from then on: the
-//! unusual cases get hyper's answers, exactly as before the loop existed.
+//! buffer. The first request that is anything else (another route, a chunked body, a malformed
+//! head) hands the connection, with the bytes already read, to hyper, which serves it from then
+//! on: the unusual cases get hyper's answers, exactly as before the loop existed.
 //!
 //! The hot route answers what the documented operation describes, with the same checks and the
 //! same answers (each service's tests compare the two), whichever of the two drives the
@@ -487,12 +487,7 @@ async fn serve_connection<E, R>(
                 },
             }
         }
-        let step = match hot_step(&shared, &buffer, &mut out).await {
-            Ok(step) => step,
-            // The client went away while its answer was being written.
-            Err(_) => return,
-        };
-        match step {
+        match hot_step(&shared, &buffer, &mut out).await {
             Step::Answered(consumed) => {
                 buffer.advance(consumed);
                 if let Err(_gone) = stream.write_all(&out).await {
@@ -546,20 +541,20 @@ async fn hot_step<E: Endpoint, R: HotRoute>(
     shared: &Shared<E, R>,
     buffer: &[u8],
     out: &mut Vec<u8>,
-) -> std::io::Result<Step> {
+) -> Step {
     let mut fields = [httparse::EMPTY_HEADER; HOT_HEADERS_MAX];
     let mut request = httparse::Request::new(&mut fields);
     let head_len = match request.parse(buffer) {
         Ok(httparse::Status::Complete(head_len)) => head_len,
         Ok(httparse::Status::Partial) if buffer.len() < HOT_HEAD_MAX_BYTES => {
-            return Ok(Step::NeedMore);
+            return Step::NeedMore;
         }
         // Malformed, too many fields or too long: hyper answers it as it answers any other.
-        _ => return Ok(Step::HandOver),
+        _ => return Step::HandOver,
     };
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
     else {
-        return Ok(Step::HandOver);
+        return Step::HandOver;
     };
     let head = Head {
         method,
@@ -567,17 +562,17 @@ async fn hot_step<E: Endpoint, R: HotRoute>(
         headers: Headers::Parsed(request.headers),
     };
     let Some(body_len) = plain_body_len(request.headers, shared.hot.body_limit()) else {
-        return Ok(Step::HandOver);
+        return Step::HandOver;
     };
     if !shared.hot.wants(&head) {
-        return Ok(Step::HandOver);
+        return Step::HandOver;
     }
     let Some(body) = buffer.get(head_len..head_len + body_len) else {
-        return Ok(Step::NeedMore);
+        return Step::NeedMore;
     };
     let (reply, request_id) = shared.answer_hot(&head, Ok(body)).await;
-    write_reply(out, reply, &request_id).await?;
-    Ok(Step::Answered(head_len + body_len))
+    write_reply(out, reply, &request_id).await;
+    Step::Answered(head_len + body_len)
 }
 
 /// The body length of a request the front's loop answers itself: one `Content-Length` (or
@@ -614,7 +609,8 @@ fn plain_body_len(fields: &[httparse::Header<'_>], limit: usize) -> Option<usize
 
 /// Writes a whole HTTP/1.1 answer into `out`: the status line, the reply's fields, the request
 /// id, `Content-Length` and `Date`, then the body.
-async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) -> std::io::Result<()> {
+/// A framework body that cannot be read whole is answered as an internal error.
+async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) {
     out.clear();
     let (status, body) = match reply {
         Reply::Json(status, body) => {
@@ -622,7 +618,16 @@ async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) -> std::
             field(out, "content-type", JSON_CONTENT_TYPE.as_bytes());
             (status, body)
         }
-        Reply::Response(response) => {
+        Reply::Response(mut response) => {
+            let body = match response.take_body().into_bytes().await {
+                Ok(body) => body,
+                Err(err) => {
+                    tracing::error!(error = %err, "reading a hot route's answer failed");
+                    response = Problem::internal().into_response();
+                    // A problem's body is in memory: it always reads.
+                    response.take_body().into_bytes().await.unwrap_or_default()
+                }
+            };
             let status = response.status();
             status_line(out, status);
             for (name, value) in response.headers() {
@@ -635,11 +640,6 @@ async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) -> std::
                     field(out, name.as_str(), value.as_bytes());
                 }
             }
-            let body = response
-                .into_body()
-                .into_bytes()
-                .await
-                .map_err(std::io::Error::other)?;
             (status, body)
         }
     };
@@ -652,7 +652,6 @@ async fn write_reply(out: &mut Vec<u8>, reply: Reply, request_id: &str) -> std::
     if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
         out.extend_from_slice(&body);
     }
-    Ok(())
 }
 
 fn status_line(out: &mut Vec<u8>, status: StatusCode) {
@@ -838,8 +837,7 @@ mod tests {
             Reply::Json(StatusCode::OK, Bytes::from_static(b"{}")),
             "id-1",
         )
-        .await
-        .unwrap();
+        .await;
         let text = String::from_utf8(out.clone()).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("\r\ncontent-type: application/json; charset=utf-8\r\n"));
@@ -849,9 +847,7 @@ mod tests {
         assert!(text.ends_with("\r\n\r\n{}"), "{text}");
 
         let problem = Problem::bad_request("invalid_body", "no").into_response();
-        write_reply(&mut out, Reply::Response(problem), "id-2")
-            .await
-            .unwrap();
+        write_reply(&mut out, Reply::Response(problem), "id-2").await;
         let mut fields = [httparse::EMPTY_HEADER; 16];
         let mut response = httparse::Response::new(&mut fields);
         let httparse::Status::Complete(head_len) = response.parse(&out).unwrap() else {
@@ -874,5 +870,21 @@ mod tests {
         assert_eq!(length, out.len() - head_len);
         let body: serde_json::Value = serde_json::from_slice(&out[head_len..]).unwrap();
         assert_eq!(body["code"], "invalid_body");
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_body_cannot_be_read_is_an_internal_error() {
+        let failing = futures::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("the body broke"))
+        });
+        let response = poem::Response::builder()
+            .status(StatusCode::OK)
+            .body(poem::Body::from_bytes_stream(failing));
+        let mut out = Vec::new();
+        write_reply(&mut out, Reply::Response(response), "id-3").await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 500 "), "{text}");
+        assert!(text.contains("\r\nx-request-id: id-3\r\n"), "{text}");
+        assert!(text.contains(r#""code":"internal""#), "{text}");
     }
 }
