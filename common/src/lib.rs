@@ -17,6 +17,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod wire;
 
 pub use accounts::{AccountKind, AccountName, NameError, TransferId};
 pub use config::{ConfigError, ConfigSource, Secret};

@@ -11,7 +11,6 @@ pub mod limits;
 pub mod payload;
 pub mod reconcile;
 pub mod upstream;
-pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -14,10 +14,10 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use redpacket_common::Problem;
 use redpacket_common::http::REQUEST_ID_HEADER;
 use redpacket_common::telemetry::Metrics;
+use redpacket_common::wire::{self, WirePool};
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, Outcome, Transition};
 use crate::error::GatewayError;
-use crate::wire::WirePool;
 
 /// An upstream's answer, any status.
 #[derive(Debug)]
@@ -25,6 +25,16 @@ pub struct Reply {
     pub status: StatusCode,
     pub body: Bytes,
     pub retry_after: Option<HeaderValue>,
+}
+
+impl From<wire::Reply> for Reply {
+    fn from(reply: wire::Reply) -> Self {
+        Reply {
+            status: reply.status,
+            body: reply.body,
+            retry_after: reply.retry_after,
+        }
+    }
 }
 
 impl Reply {
@@ -226,7 +236,7 @@ impl Upstream {
             .await
     }
 
-    /// `POST path` with a JSON body on the hot path's own connections (see [`crate::wire`]),
+    /// `POST path` with a JSON body on the hot path's own connections (see [`wire`]),
     /// under the same breaker and deadline as [`Upstream::call`].
     pub async fn post_hot(
         &self,
@@ -246,6 +256,7 @@ impl Upstream {
             self.wire
                 .post_json(path, body, request_id)
                 .await
+                .map(Reply::from)
                 .map_err(CallError::Failed)
         };
         self.guarded(deadline, send).await

@@ -1,12 +1,14 @@
-//! A keep-alive HTTP/1.1 client for the grab relay, the one upstream call of the hot path.
+//! A lean keep-alive HTTP/1.1 client: the gateway's grab relay (the one upstream call of its hot
+//! path) and the load harness's open-model requests, where the client's own cost per request is
+//! what limits the measurement.
 //!
 //! hyper's pooled client hands every request to a task of its own per connection (a channel in,
 //! a oneshot out, two cross-task wake-ups) and builds a header map each way. Here the caller's
 //! task writes the request on a pooled connection with one write and reads the answer itself:
 //! a head parsed in place by `httparse`, a body of the announced length. Anything unexpected (a
-//! closed connection, no `Content-Length`, a head or body over its bound) fails the call, which
-//! the breaker counts, and the connection is dropped; only a connection whose exchange ended
-//! cleanly goes back to the pool.
+//! closed connection, no `Content-Length`, a head or body over its bound) fails the call (the
+//! gateway's breaker counts it) and the connection is dropped; only a connection whose exchange
+//! ended cleanly goes back to the pool. Plain HTTP only: both users talk to a local address.
 
 use std::io::ErrorKind;
 use std::sync::Mutex;
@@ -16,9 +18,7 @@ use poem::http::{HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use redpacket_common::front;
-
-use crate::upstream::Reply;
+use crate::front;
 
 /// The largest answer head read.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -29,6 +29,14 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 const MAX_HEADERS: usize = 32;
 /// Idle connections kept; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
+
+/// An answer, any status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub retry_after: Option<HeaderValue>,
+}
 
 /// Connections to one upstream (`host:port`).
 #[derive(Debug)]
@@ -58,30 +66,57 @@ impl WirePool {
         body: &[u8],
         request_id: &str,
     ) -> Result<Reply, String> {
-        // Both go into the request line and a header: a stray CR or LF would split them.
-        if path
-            .bytes()
-            .chain(request_id.bytes())
+        self.send(
+            "POST",
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("x-request-id", request_id),
+            ],
+            Some(body),
+        )
+        .await
+    }
+
+    /// One request, `headers` as given plus `host` and (with a body) `content-length`; the
+    /// answer whatever its status.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Reply, String> {
+        // Each goes into the request line or a header: a stray CR or LF would split them.
+        if headers
+            .iter()
+            .flat_map(|(name, value)| name.bytes().chain(value.bytes()))
+            .chain(method.bytes())
+            .chain(path.bytes())
             .any(|b| b == b'\r' || b == b'\n')
         {
-            return Err("a line break in the path or request id".to_owned());
+            return Err("a line break in the method, path or a header".to_owned());
         }
-        let mut request = Vec::with_capacity(160 + path.len() + body.len());
-        let mut length = itoa::Buffer::new();
-        for part in [
-            "POST ",
-            path,
-            " HTTP/1.1\r\nhost: ",
-            &self.host,
-            "\r\ncontent-type: application/json\r\nx-request-id: ",
-            request_id,
-            "\r\ncontent-length: ",
-            length.format(body.len()),
-            "\r\n\r\n",
-        ] {
+        let body_len = body.map_or(0, <[u8]>::len);
+        let mut request = Vec::with_capacity(128 + path.len() + body_len);
+        for part in [method, " ", path, " HTTP/1.1\r\nhost: ", self.host.as_str()] {
             request.extend_from_slice(part.as_bytes());
         }
-        request.extend_from_slice(body);
+        for &(name, value) in headers {
+            for part in ["\r\n", name, ": ", value] {
+                request.extend_from_slice(part.as_bytes());
+            }
+        }
+        if let Some(body) = body {
+            let mut length = itoa::Buffer::new();
+            for part in ["\r\ncontent-length: ", length.format(body.len())] {
+                request.extend_from_slice(part.as_bytes());
+            }
+            request.extend_from_slice(b"\r\n\r\n");
+            request.extend_from_slice(body);
+        } else {
+            request.extend_from_slice(b"\r\n\r\n");
+        }
         let mut stream = match self.checkout() {
             Some(stream) => stream,
             None => self.connect().await?,
@@ -276,6 +311,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_is_written_as_given_with_a_length_only_for_a_body() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        // Answers every request with the request's own bytes.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            loop {
+                let mut buffer = vec![0u8; 4096];
+                let read = socket.read(&mut buffer).await.unwrap();
+                if read == 0 {
+                    return;
+                }
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {read}\r\n\r\n");
+                socket.write_all(head.as_bytes()).await.unwrap();
+                socket.write_all(&buffer[..read]).await.unwrap();
+            }
+        });
+        let pool = WirePool::new(host.clone());
+        let reply = pool
+            .send("GET", "/v1/ping", &[("authorization", "Bearer t")], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            format!("GET /v1/ping HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer t\r\n\r\n")
+        );
+        let reply = pool.send("POST", "/x", &[], Some(b"{}")).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            format!("POST /x HTTP/1.1\r\nhost: {host}\r\ncontent-length: 2\r\n\r\n{{}}")
+        );
+    }
+
+    #[tokio::test]
     async fn broken_answers_fail_the_call() {
         for answer in [
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
@@ -299,6 +368,8 @@ mod tests {
         let pool = WirePool::new("127.0.0.1:9".to_owned());
         assert!(pool.post_json("/grab", b"{}", "r-1").await.is_err());
         let refused = pool.post_json("/grab\r\nx: y", b"{}", "r-1").await;
+        assert!(refused.unwrap_err().contains("line break"));
+        let refused = pool.send("GET", "/", &[("x", "1\r\nevil: 2")], None).await;
         assert!(refused.unwrap_err().contains("line break"));
     }
 }
