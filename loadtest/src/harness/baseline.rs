@@ -13,6 +13,7 @@ use redpacket_campaign::pool::{PacketPool, PoolCampaign};
 use redpacket_campaign::{RedisPool, service::claim_id};
 use serde::Serialize;
 
+use super::workload::DirectClient;
 use crate::{PhaseResult, run_phase, unlink_prefix};
 
 /// Packets of the scratch pool: more than the script can pop in a baseline phase on this
@@ -102,18 +103,16 @@ pub async fn raw_grabs(
     .await)
 }
 
+/// `GET /v1/ping` through the open model's client, so that the ratio to it compares the same
+/// client's cost.
 async fn pings(base: &str, concurrency: usize, duration: Duration) -> anyhow::Result<PhaseResult> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()?;
-    let url = format!("{base}/v1/ping");
+    let client = Arc::new(DirectClient::new(base, concurrency)?);
     Ok(
         run_phase("GET /v1/ping", concurrency, duration, move |_, _| {
-            let (client, url) = (client.clone(), url.clone());
+            let client = client.clone();
             async move {
-                let response = client.get(url).send().await?;
-                anyhow::ensure!(response.status() == 200, "status {}", response.status());
-                response.bytes().await?;
+                let (status, _) = client.send(false, "/v1/ping", &[], None).await?;
+                anyhow::ensure!(status == 200, "status {status}");
                 Ok(1)
             }
         })

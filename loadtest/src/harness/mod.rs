@@ -36,7 +36,7 @@ use cli::{Cli, Model, Scenario};
 use closed_model::{GooseArgs, ScenarioSpec, iterations_for};
 use open_model::{OpenPlan, run_open};
 use recorder::Recorder;
-use workload::{CampaignBook, Ctx, GrabLog, Grabbers, Mix, Op, Transport, run_op};
+use workload::{CampaignBook, Ctx, DirectClient, GrabLog, Grabbers, Mix, Op, Transport, run_op};
 
 /// How long the open model waits for its last answers.
 const OPEN_GRACE: Duration = Duration::from_secs(30);
@@ -258,10 +258,7 @@ async fn open_load(ctx: &Arc<Ctx>, scenario: &Scenario) -> anyhow::Result<open_m
         run_time.map_or(String::new(), |t| format!(", for {}s", t.as_secs())),
         args.max_in_flight
     );
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.max_in_flight)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = Arc::new(DirectClient::new(&ctx.base, args.max_in_flight)?);
     let mix = Arc::new(open_mix(scenario));
     let shared = ctx.clone();
     let plan = OpenPlan {

@@ -2,7 +2,7 @@
 //!
 //! An operation (a grab, a campaign created, a read) is written once against [`Transport`],
 //! which sends either through a goose user (closed model: goose times it for its report) or
-//! through a shared reqwest client (open model). Either way the harness's own [`Recorder`]
+//! through a shared [`DirectClient`] (open model). Either way the harness's own [`Recorder`]
 //! gets the latency, status and problem code, and every grab's answer goes to the
 //! [`GrabLog`] that the verification reads.
 
@@ -10,7 +10,11 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use redpacket_common::wire::WirePool;
 
 use goose::prelude::{GooseMethod, GooseRequest, GooseUser};
 use serde_json::Value;
@@ -326,7 +330,121 @@ pub enum Transport<'a> {
     /// Through a goose user: goose records it for its report too.
     Goose(&'a mut GooseUser),
     /// Through a shared client (open model).
-    Direct(&'a reqwest::Client),
+    Direct(&'a DirectClient),
+}
+
+/// The longest a request of the open model waits for its whole answer.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The open model's client, shared by every arrival.
+///
+/// On plain HTTP it is the lean keep-alive client of [`redpacket_common::wire`]: the load
+/// generator runs on the same cores as the system it measures, and reqwest costs several times
+/// more CPU per request (URL parsing, a clone of the client's service stack, a connection task
+/// behind a channel), which the system under test would lose. HTTPS goes through reqwest.
+#[derive(Debug)]
+pub enum DirectClient {
+    Wire {
+        pool: WirePool,
+        /// The base URL's path, put before every request's.
+        prefix: String,
+    },
+    Reqwest {
+        client: reqwest::Client,
+        base: String,
+    },
+}
+
+impl DirectClient {
+    /// A client of `base` keeping up to `idle` connections.
+    pub fn new(base: &str, idle: usize) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(base).with_context(|| format!("the host URL `{base}`"))?;
+        if url.scheme() == "http" {
+            let host = url
+                .host_str()
+                .with_context(|| format!("the host URL `{base}` has no host"))?;
+            let port = url.port_or_known_default().unwrap_or(80);
+            return Ok(DirectClient::Wire {
+                pool: WirePool::new(format!("{host}:{port}")),
+                prefix: url.path().trim_end_matches('/').to_owned(),
+            });
+        }
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(idle)
+            .timeout(DIRECT_TIMEOUT)
+            .build()?;
+        Ok(DirectClient::Reqwest {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// `GET path` (`post`: `POST`) with the given headers and body; the status and body of the
+    /// answer, whatever the status.
+    pub async fn send(
+        &self,
+        post: bool,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        match self {
+            DirectClient::Wire { pool, prefix } => {
+                let prefixed;
+                let path = if prefix.is_empty() {
+                    path
+                } else {
+                    prefixed = format!("{prefix}{path}");
+                    &prefixed
+                };
+                let method = if post { "POST" } else { "GET" };
+                let reply =
+                    tokio::time::timeout(DIRECT_TIMEOUT, pool.send(method, path, headers, body))
+                        .await
+                        .context("no answer within the timeout")?
+                        .map_err(anyhow::Error::msg)?;
+                Ok((reply.status.as_u16(), reply.body))
+            }
+            DirectClient::Reqwest { client, base } => {
+                let url = format!("{base}{path}");
+                let mut request = if post {
+                    client.post(url)
+                } else {
+                    client.get(url)
+                };
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                if let Some(body) = body {
+                    request = request.body(body.to_vec());
+                }
+                let response = request.send().await?;
+                let status = response.status().as_u16();
+                Ok((status, response.bytes().await?))
+            }
+        }
+    }
+
+    /// Sends a measured request.
+    async fn call(&self, call: &Call<'_>) -> anyhow::Result<(u16, Bytes)> {
+        let authorization = format!("Bearer {}", call.token);
+        let key;
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
+        headers.push(("authorization", &authorization));
+        if call.idempotency_key {
+            key = uuid::Uuid::new_v4().to_string();
+            headers.push(("idempotency-key", &key));
+        }
+        let body = match &call.body {
+            Some(body) => {
+                headers.push(("content-type", "application/json"));
+                Some(serde_json::to_vec(body)?)
+            }
+            None => None,
+        };
+        self.send(call.post, &call.path, &headers, body.as_deref())
+            .await
+    }
 }
 
 /// One measured request.
@@ -346,7 +464,7 @@ struct Call<'a> {
 #[derive(Debug)]
 struct Answer {
     status: u16,
-    body: Vec<u8>,
+    body: Bytes,
 }
 
 impl Transport<'_> {
@@ -354,33 +472,13 @@ impl Transport<'_> {
         let started = Instant::now();
         let answer = match self {
             Transport::Goose(user) => goose_call(user, &call).await,
-            Transport::Direct(client) => {
-                let url = format!("{}{}", ctx.base, call.path);
-                let request = if call.post {
-                    client.post(url)
-                } else {
-                    client.get(url)
-                };
-                match decorate(request, &call).send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        match response.bytes().await {
-                            Ok(body) => Answer {
-                                status,
-                                body: body.to_vec(),
-                            },
-                            Err(_) => Answer {
-                                status: TRANSPORT_ERROR,
-                                body: Vec::new(),
-                            },
-                        }
-                    }
-                    Err(_) => Answer {
-                        status: TRANSPORT_ERROR,
-                        body: Vec::new(),
-                    },
-                }
-            }
+            Transport::Direct(client) => match client.call(&call).await {
+                Ok((status, body)) => Answer { status, body },
+                Err(_) => Answer {
+                    status: TRANSPORT_ERROR,
+                    body: Bytes::new(),
+                },
+            },
         };
         let code = if answer.status >= 400 {
             problem_code(&answer.body)
@@ -417,7 +515,7 @@ async fn goose_call(user: &mut GooseUser, call: &Call<'_>) -> Answer {
     };
     let failed = Answer {
         status: TRANSPORT_ERROR,
-        body: Vec::new(),
+        body: Bytes::new(),
     };
     let Ok(builder) = user.get_request_builder(&method, &call.path) else {
         return failed;
@@ -433,9 +531,8 @@ async fn goose_call(user: &mut GooseUser, call: &Call<'_>) -> Answer {
         return failed;
     };
     let status = response.status().as_u16();
-    let body = match response.bytes().await {
-        Ok(body) => body.to_vec(),
-        Err(_) => return failed,
+    let Ok(body) = response.bytes().await else {
+        return failed;
     };
     if call.expected.contains(&status) && !goose.request.success {
         let _ = user.set_success(&mut goose.request);
@@ -629,6 +726,54 @@ mod tests {
                 .all(|c| c.id != "later")
         );
         assert_eq!(book.pick_any(1).unwrap().id, "later");
+    }
+
+    #[tokio::test]
+    async fn the_direct_client_sends_the_measured_request_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/prefix/", listener.local_addr().unwrap());
+        // Answers with the request's own bytes.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0u8; 4096];
+            let read = socket.read(&mut buffer).await.unwrap();
+            let head = format!("HTTP/1.1 201 Created\r\ncontent-length: {read}\r\n\r\n");
+            socket.write_all(head.as_bytes()).await.unwrap();
+            socket.write_all(&buffer[..read]).await.unwrap();
+        });
+        let client = DirectClient::new(&base, 4).unwrap();
+        assert!(matches!(client, DirectClient::Wire { .. }));
+        let call = Call {
+            kind: kind::CREATE,
+            post: true,
+            path: "/v1/campaigns".to_owned(),
+            token: "t0k",
+            body: Some(serde_json::json!({"a": 1})),
+            idempotency_key: true,
+            expected: &[201],
+        };
+        let (status, echoed) = client.call(&call).await.unwrap();
+        assert_eq!(status, 201);
+        let text = String::from_utf8_lossy(&echoed);
+        assert!(
+            text.starts_with("POST /prefix/v1/campaigns HTTP/1.1\r\n"),
+            "{text}"
+        );
+        for header in [
+            "authorization: Bearer t0k\r\n",
+            "idempotency-key: ",
+            "content-type: application/json\r\n",
+            "content-length: 7\r\n",
+        ] {
+            assert!(text.contains(header), "{header} missing from {text}");
+        }
+        assert!(text.ends_with("\r\n\r\n{\"a\":1}"), "{text}");
+        assert!(matches!(
+            DirectClient::new("https://gateway.example", 4).unwrap(),
+            DirectClient::Reqwest { .. }
+        ));
+        assert!(DirectClient::new("not a url", 4).is_err());
     }
 
     #[test]
