@@ -8,6 +8,8 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
+use redpacket_common::db::plan_as_lookups;
+
 use crate::entity::{campaign, claim, event, packet, stats};
 
 /// Packet rows per multi-row insert: small enough that one statement stays well under 64 KiB
@@ -459,15 +461,15 @@ impl Store {
     }
 
     /// The claims among `ids` that exist, by id.
-    async fn claims_by_id(
-        &self,
+    async fn claims_by_id<C: ConnectionTrait>(
+        db: &C,
         ids: &[&str],
     ) -> Result<HashMap<String, claim::Model>, StoreError> {
         let mut found = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(CLAIM_BATCH_ROWS) {
             for claim in claim::Entity::find()
                 .filter(claim::Column::Id.is_in(chunk.iter().copied()))
-                .all(&self.db)
+                .all(db)
                 .await?
             {
                 found.insert(claim.id.clone(), claim);
@@ -486,7 +488,10 @@ impl Store {
         records: &[ClaimRecord],
     ) -> Result<Vec<Result<claim::Model, StoreError>>, StoreError> {
         let ids: Vec<&str> = records.iter().map(|record| record.id.as_str()).collect();
-        let mut existing = self.claims_by_id(&ids).await?;
+        // The reads by key of the batch, in a transaction of their own planned as lookups.
+        let reads = self.db.begin().await?;
+        plan_as_lookups(&reads).await?;
+        let mut existing = Self::claims_by_id(&reads, &ids).await?;
         let mut seqs: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
         for record in records.iter().filter(|r| !existing.contains_key(&r.id)) {
             seqs.entry(record.campaign_id)
@@ -499,13 +504,14 @@ impl Store {
                 for packet in packet::Entity::find()
                     .filter(packet::Column::CampaignId.eq(campaign_id))
                     .filter(packet::Column::Seq.is_in(chunk.iter().copied()))
-                    .all(&self.db)
+                    .all(&reads)
                     .await?
                 {
                     amounts.insert((packet.campaign_id, packet.seq), packet.amount);
                 }
             }
         }
+        reads.commit().await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut results: Vec<Option<Result<claim::Model, StoreError>>> = Vec::new();
         let mut fresh: Vec<(usize, claim::Model)> = Vec::new();
@@ -571,7 +577,10 @@ impl Store {
         ids: &[&str],
         now_ms: i64,
     ) -> Result<Vec<Result<claim::Model, StoreError>>, StoreError> {
-        let mut current = self.claims_by_id(ids).await?;
+        let reads = self.db.begin().await?;
+        plan_as_lookups(&reads).await?;
+        let mut current = Self::claims_by_id(&reads, ids).await?;
+        reads.commit().await?;
         let mut results: Vec<Option<Result<claim::Model, StoreError>>> = Vec::new();
         let mut pending: Vec<(usize, claim::Model)> = Vec::new();
         for (index, id) in ids.iter().enumerate() {
@@ -593,6 +602,7 @@ impl Store {
         }
         if !pending.is_empty() {
             let txn = self.db.begin().await?;
+            plan_as_lookups(&txn).await?;
             let mut moved = 0;
             for chunk in pending.chunks(CLAIM_BATCH_ROWS) {
                 moved += claim::Entity::update_many()

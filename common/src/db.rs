@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 
 /// The bound on connections of one service's pool unless configured otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
@@ -48,7 +48,6 @@ pub async fn connect_with(
     }
     let db = Database::connect(options).await?;
     if db.get_database_backend() == DbBackend::Sqlite {
-        use sea_orm::ConnectionTrait;
         // WAL keeps readers from blocking the writer; NORMAL sync is durable across process
         // crashes (not power loss), which is the embedded mode's promise.
         db.execute_unprepared(
@@ -57,6 +56,24 @@ pub async fn connect_with(
         .await?;
     }
     Ok(db)
+}
+
+/// Plans the rest of a transaction's statements as key lookups (PostgreSQL; elsewhere
+/// nothing to do).
+///
+/// Batch statements find rows by lists of up to a few hundred keys (`id IN (…)`). PostgreSQL's
+/// cost model prices a key probe as random disk reads, so on a table that is young (never
+/// analyzed) or only tens of thousands of rows long it prefers reading the whole table, once
+/// per statement. In a burst of credits the tables grow with every batch and each batch scans
+/// them all again: the work per credit grows with the table, and the database takes the cores
+/// the grabs need. Within the transaction, scans that ignore the key are priced out; a
+/// statement without a usable index still runs, as a scan.
+pub async fn plan_as_lookups<C: ConnectionTrait>(txn: &C) -> Result<(), DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+            .await?;
+    }
+    Ok(())
 }
 
 /// The URL of `database` on the server of `server_url` (its database part replaced, its query

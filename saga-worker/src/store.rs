@@ -2,10 +2,11 @@
 
 use std::collections::HashMap;
 
+use redpacket_common::db::plan_as_lookups;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, TransactionTrait,
 };
 
 use crate::entity::{dead_letter, saga};
@@ -94,6 +95,8 @@ impl SagaStore {
         let now = now_ms();
         let mut owned = HashMap::with_capacity(sagas.len());
         for chunk in sagas.chunks(BATCH_ROWS) {
+            let txn = self.db.begin().await?;
+            plan_as_lookups(&txn).await?;
             saga::Entity::insert_many(chunk.iter().map(|new| saga::ActiveModel {
                 id: Set(new.id.to_owned()),
                 kind: Set(new.kind.to_owned()),
@@ -113,7 +116,7 @@ impl SagaStore {
                     .do_nothing_on([saga::Column::Id])
                     .to_owned(),
             )
-            .exec_without_returning(&self.db)
+            .exec_without_returning(&txn)
             .await?;
             let ids = chunk.iter().map(|new| new.id);
             saga::Entity::update_many()
@@ -125,16 +128,17 @@ impl SagaStore {
                 .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
                 .filter(saga::Column::Id.is_in(ids.clone()))
                 .filter(saga::Column::Fence.lte(fence))
-                .exec(&self.db)
+                .exec(&txn)
                 .await?;
             for row in saga::Entity::find()
                 .filter(saga::Column::Id.is_in(ids))
                 .filter(saga::Column::Fence.eq(fence))
-                .all(&self.db)
+                .all(&txn)
                 .await?
             {
                 owned.insert(row.id.clone(), row);
             }
+            txn.commit().await?;
         }
         Ok(owned)
     }
@@ -142,14 +146,17 @@ impl SagaStore {
     /// Ends many sagas in `state` under `fence`; the ones a newer fence owns are left alone.
     pub async fn finish_many(&self, ids: &[&str], fence: i64, state: &str) -> Result<(), DbErr> {
         for chunk in ids.chunks(BATCH_ROWS) {
+            let txn = self.db.begin().await?;
+            plan_as_lookups(&txn).await?;
             saga::Entity::update_many()
                 .col_expr(saga::Column::Step, Expr::value("done"))
                 .col_expr(saga::Column::State, Expr::value(state))
                 .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
                 .filter(saga::Column::Id.is_in(chunk.iter().copied()))
                 .filter(saga::Column::Fence.lte(fence))
-                .exec(&self.db)
+                .exec(&txn)
                 .await?;
+            txn.commit().await?;
         }
         Ok(())
     }

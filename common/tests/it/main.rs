@@ -2,6 +2,7 @@
 //! in-process one (the resources the holders write live in a real Redis either way); and the
 //! HTTP front.
 
+mod db;
 mod front;
 
 use std::time::Duration;
