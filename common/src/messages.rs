@@ -5,6 +5,12 @@
 //! attempt, and one [`SagaEvent`]. The saga a message drives is named by [`SagaEvent::saga_id`],
 //! a deterministic key, so a message delivered twice drives the same saga twice, and every step
 //! of a saga is idempotent.
+//!
+//! A message on the work queue carries one envelope, or a JSON array of up to
+//! [`MAX_ENVELOPES_PER_MESSAGE`] of them ([`Delivery`]): the relay sends the grabs of the
+//! hand-off that way, because the broker's and the consumer's cost is per message, and a seckill
+//! hands off thousands of grabs a second. Each envelope of an array is still its own saga,
+//! settled on its own; the message is acknowledged once all of them are.
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +82,50 @@ impl SagaEvent {
     }
 }
 
+/// The most envelopes one message carries.
+pub const MAX_ENVELOPES_PER_MESSAGE: usize = 100;
+
+/// What one message of the work queue carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    One(Envelope),
+    Many(Vec<Envelope>),
+}
+
+impl Delivery {
+    /// Parses a message: an envelope, or an array of 1 to [`MAX_ENVELOPES_PER_MESSAGE`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'[') {
+            return Envelope::from_bytes(bytes).map(Delivery::One);
+        }
+        let envelopes: Vec<Envelope> =
+            serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+        if envelopes.is_empty() || envelopes.len() > MAX_ENVELOPES_PER_MESSAGE {
+            return Err(format!(
+                "a message of {} envelopes (1 to {MAX_ENVELOPES_PER_MESSAGE})",
+                envelopes.len()
+            ));
+        }
+        if let Some(other) = envelopes
+            .iter()
+            .find(|envelope| envelope.schema_version != SCHEMA_VERSION)
+        {
+            return Err(format!(
+                "schema version {} is not {SCHEMA_VERSION}",
+                other.schema_version
+            ));
+        }
+        Ok(Delivery::Many(envelopes))
+    }
+
+    /// The bytes of a message carrying `envelopes` (at most [`MAX_ENVELOPES_PER_MESSAGE`]).
+    pub fn many_to_bytes(envelopes: &[Envelope]) -> Vec<u8> {
+        debug_assert!(!envelopes.is_empty() && envelopes.len() <= MAX_ENVELOPES_PER_MESSAGE);
+        serde_json::to_vec(envelopes).unwrap_or_default()
+    }
+}
+
 impl Envelope {
     pub fn new(message_id: String, request_id: Option<String>, event: SagaEvent) -> Self {
         Envelope {
@@ -129,5 +179,42 @@ mod tests {
         let mut other = serde_json::to_value(&envelope).unwrap();
         other["schema_version"] = 2.into();
         assert!(Envelope::from_bytes(other.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_message_carries_one_envelope_or_a_bounded_array_of_them() {
+        let grab = |n: u32| {
+            Envelope::new(
+                format!("m{n}"),
+                None,
+                SagaEvent::GrabClaimed {
+                    claim_id: format!("c{n}"),
+                    campaign_id: "7".into(),
+                    user_id: "u".into(),
+                    packet_seq: n,
+                    amount: 1,
+                    currency: "CNY".into(),
+                    grabbed_at_ms: 1,
+                },
+            )
+        };
+        assert_eq!(
+            Delivery::from_bytes(&grab(1).to_bytes()).unwrap(),
+            Delivery::One(grab(1))
+        );
+        let three: Vec<Envelope> = (1..=3).map(grab).collect();
+        assert_eq!(
+            Delivery::from_bytes(&Delivery::many_to_bytes(&three)).unwrap(),
+            Delivery::Many(three.clone())
+        );
+        let too_many: Vec<Envelope> = (0..=u32::try_from(MAX_ENVELOPES_PER_MESSAGE).unwrap())
+            .map(grab)
+            .collect();
+        assert!(Delivery::from_bytes(&serde_json::to_vec(&too_many).unwrap()).is_err());
+        assert!(Delivery::from_bytes(b"[]").is_err());
+        let mut old = serde_json::to_value(&three).unwrap();
+        old[1]["schema_version"] = 2.into();
+        assert!(Delivery::from_bytes(old.to_string().as_bytes()).is_err());
+        assert!(Delivery::from_bytes(b"[{\"not\": \"an envelope\"}]").is_err());
     }
 }

@@ -63,8 +63,10 @@ pub struct SagaConfig {
     pub redis_prefix: String,
     /// `RP_AMQP_PREFIX` (default `rp`): prefix of the exchange and queues.
     pub amqp_prefix: String,
-    /// `RP_SAGA_PREFETCH` (default 1000): unacknowledged messages per consumer, room for two
-    /// grab batches of 500 in flight.
+    /// `RP_SAGA_PREFETCH` (default 1000): sagas delivered and not yet settled per consumer,
+    /// room for two grab batches of 500 in flight. The hand-off's grabs travel
+    /// `relay::GRABS_PER_MESSAGE` (10) to a message, so the broker channel's own prefetch, which
+    /// counts messages, is this divided by 10.
     pub prefetch: u16,
     /// `RP_SAGA_CREDIT_BATCH` (default 500): grab sagas (and credits) driven per batch; 1
     /// turns batching off (every saga on its own, one transfer per credit).
@@ -269,7 +271,11 @@ impl Application {
             redis: Some(redis),
             ids: Arc::new(SnowflakeGenerator::new(config.worker_id)?),
             prefix: config.redis_prefix,
-            prefetch: config.prefetch,
+            prefetch: u16::try_from(
+                usize::from(config.prefetch).div_ceil(relay::GRABS_PER_MESSAGE),
+            )
+            .unwrap_or(u16::MAX)
+            .max(1),
             switches,
             stats: Arc::default(),
         })

@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 use redpacket_common::lease::{Lease, LeaseManager};
-use redpacket_common::messages::{Envelope, SagaEvent};
+use redpacket_common::messages::{Delivery, Envelope, SagaEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
@@ -24,6 +24,10 @@ use crate::clients::CampaignClient;
 pub const GROUP: &str = "relay";
 /// Entries read per stream per round.
 const BATCH: usize = 500;
+/// Grabs relayed in one message (at most `messages::MAX_ENVELOPES_PER_MESSAGE`). The consumer's
+/// prefetch counts messages, so it is divided by this (see `SagaConfig::prefetch`): the grabs in
+/// flight stay as many, while a message of its own (a retry, a funding) still finds room.
+pub const GRABS_PER_MESSAGE: usize = 10;
 /// A pending entry idle this long belonged to a relay that died: it is claimed.
 const CLAIM_IDLE: Duration = Duration::from_secs(5);
 /// How long a relay holds a stream's lease (renewed while it works).
@@ -190,17 +194,11 @@ async fn relay_round(
     if entries.is_empty() {
         return Ok(());
     }
-    let mut messages = Vec::with_capacity(entries.len());
+    let mut envelopes = Vec::with_capacity(entries.len());
     let mut unreadable = Vec::new();
     for (stream, id, fields) in &entries {
         match envelope_of(fields) {
-            Some(envelope) => {
-                let bytes = envelope.to_bytes();
-                if duplicate_every_message {
-                    messages.push((envelope.message_id.clone(), bytes.clone()));
-                }
-                messages.push((envelope.message_id, bytes));
-            }
+            Some(envelope) => envelopes.push(envelope),
             None => {
                 // Never dropped: it goes to the dead queue for an operator, as it was.
                 tracing::error!(stream, id, "unreadable hand-off entry; dead-lettering it");
@@ -219,6 +217,16 @@ async fn relay_round(
                 ));
             }
         }
+    }
+    // Several grabs to a message: the broker's work and the consumer's are per message.
+    let mut messages = Vec::with_capacity(envelopes.len().div_ceil(GRABS_PER_MESSAGE));
+    for chunk in envelopes.chunks(GRABS_PER_MESSAGE) {
+        let id = format!("grabs:{}", chunk[0].message_id);
+        let bytes = Delivery::many_to_bytes(chunk);
+        if duplicate_every_message {
+            messages.push((id.clone(), bytes.clone()));
+        }
+        messages.push((id, bytes));
     }
     broker.publish_all("work", &messages).await?;
     broker.publish_all("dead", &unreadable).await?;

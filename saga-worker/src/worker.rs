@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redpacket_common::ids::SnowflakeGenerator;
-use redpacket_common::messages::{Envelope, SagaEvent};
+use redpacket_common::messages::{Delivery, Envelope, SagaEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Batcher;
@@ -96,6 +96,65 @@ pub async fn settle(
     Ok(())
 }
 
+/// What driving one saga message needs.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    engine: &'a Engine,
+    bus: &'a dyn Bus,
+    ids: &'a SnowflakeGenerator,
+    stats: &'a WorkerStats,
+    grabs: Option<&'a Batcher<Envelope, Outcome>>,
+}
+
+impl Context<'_> {
+    /// Drives one saga and settles its outcome; true when it is settled.
+    async fn drive(self, envelope: &Envelope, raw: &[u8]) -> bool {
+        let span = tracing::info_span!("saga", saga = %envelope.event.saga_id(), request_id = envelope.request_id.as_deref().unwrap_or(""));
+        let handled = async {
+            match self.grabs {
+                Some(grabs) if matches!(envelope.event, SagaEvent::GrabClaimed { .. }) => grabs
+                    .submit(envelope.clone())
+                    .await
+                    .unwrap_or_else(|| Outcome::Retry("the grab batcher dropped the saga".into())),
+                _ => self.engine.handle(envelope).await,
+            }
+        };
+        let outcome = tracing::Instrument::instrument(handled, span).await;
+        self.settle(Some(envelope), raw, outcome).await
+    }
+
+    /// A message that is no saga's: dead-lettered as it came.
+    async fn drive_unreadable(self, raw: &[u8], reason: String) -> bool {
+        self.settle(
+            None,
+            raw,
+            Outcome::Dead(format!("unreadable message: {reason}")),
+        )
+        .await
+    }
+
+    async fn settle(self, envelope: Option<&Envelope>, raw: &[u8], outcome: Outcome) -> bool {
+        match settle(
+            self.engine,
+            self.bus,
+            self.ids,
+            self.stats,
+            envelope,
+            raw,
+            outcome,
+        )
+        .await
+        {
+            Ok(()) => true,
+            Err(err) => {
+                // Not settled: the bus delivers it again.
+                tracing::warn!(error = %err, "could not settle a message; requeueing");
+                false
+            }
+        }
+    }
+}
+
 /// Consumes the work queue until `shutdown`: each message drives its saga, then is settled
 /// (done, sent to a retry level, or dead-lettered) before the bus may forget it.
 pub async fn consume(
@@ -129,43 +188,28 @@ pub async fn consume(
             grabs.clone(),
         );
         Box::pin(async move {
-            let parsed = Envelope::from_bytes(&data);
-            let outcome = match &parsed {
-                Ok(envelope) => {
-                    let span = tracing::info_span!("saga", saga = %envelope.event.saga_id(), request_id = envelope.request_id.as_deref().unwrap_or(""));
-                    let handled = async {
-                        match &grabs {
-                            Some(grabs)
-                                if matches!(envelope.event, SagaEvent::GrabClaimed { .. }) =>
-                            {
-                                grabs.submit(envelope.clone()).await.unwrap_or_else(|| {
-                                    Outcome::Retry("the grab batcher dropped the saga".into())
-                                })
-                            }
-                            _ => engine.handle(envelope).await,
-                        }
-                    };
-                    tracing::Instrument::instrument(handled, span).await
-                }
-                Err(reason) => Outcome::Dead(format!("unreadable message: {reason}")),
+            let context = Context {
+                engine: &engine,
+                bus: &*bus,
+                ids: &ids,
+                stats: &stats,
+                grabs: grabs.as_ref(),
             };
-            match settle(
-                &engine,
-                &*bus,
-                &ids,
-                &stats,
-                parsed.as_ref().ok(),
-                &data,
-                outcome,
-            )
-            .await
-            {
-                Ok(()) => true,
-                Err(err) => {
-                    // Not settled: the bus delivers it again.
-                    tracing::warn!(error = %err, "could not settle a message; requeueing");
-                    false
+            match Delivery::from_bytes(&data) {
+                Ok(Delivery::One(envelope)) => context.drive(&envelope, &data).await,
+                // Every saga of the message at once (so that the grab batcher gathers them),
+                // each settled on its own; the message is done when all of them are. A saga
+                // settled before a failure elsewhere in the message is driven again when the
+                // message comes back, which every step allows.
+                Ok(Delivery::Many(envelopes)) => {
+                    let settled = futures::future::join_all(envelopes.iter().map(|envelope| {
+                        let raw = envelope.to_bytes();
+                        async move { context.drive(envelope, &raw).await }
+                    }))
+                    .await;
+                    settled.into_iter().all(|ok| ok)
                 }
+                Err(reason) => context.drive_unreadable(&data, reason).await,
             }
         })
     });
