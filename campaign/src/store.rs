@@ -499,10 +499,19 @@ impl Store {
                 .push(i32::try_from(record.seq).unwrap_or(i32::MAX));
         }
         let mut amounts: HashMap<(i64, i32), i64> = HashMap::new();
-        for (campaign_id, seqs) in seqs {
+        for (campaign_id, mut seqs) in seqs {
+            // Sorted chunks, each also bounded by its lowest and highest seq: the planner may
+            // guess a campaign holds a few hundred packets (it has no statistics yet) and then
+            // walks all of the campaign's packets checking the list; the range keeps even that
+            // walk to the chunk's own stretch of the key.
+            seqs.sort_unstable();
             for chunk in seqs.chunks(CLAIM_BATCH_ROWS) {
+                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                    continue;
+                };
                 for packet in packet::Entity::find()
                     .filter(packet::Column::CampaignId.eq(campaign_id))
+                    .filter(packet::Column::Seq.between(*first, *last))
                     .filter(packet::Column::Seq.is_in(chunk.iter().copied()))
                     .all(&reads)
                     .await?
