@@ -116,11 +116,7 @@ async fn serves_hot_and_framework_routes_and_stops_cleanly(loops: Loops) {
     assert_eq!(counted, 41, "every hot answer is counted once: {rendered}");
 
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the server stops promptly")
-        .unwrap()
-        .unwrap();
+    stops_promptly(server).await;
     assert!(
         reqwest::Client::new()
             .get(format!("{url}/plain"))
@@ -165,6 +161,15 @@ async fn start() -> (
         },
     ));
     (addr, stop, server)
+}
+
+/// Waits for a server told to stop: it ends within 5 s, without error.
+async fn stops_promptly(server: tokio::task::JoinHandle<anyhow::Result<()>>) {
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops promptly")
+        .unwrap()
+        .unwrap();
 }
 
 /// One answer read off a raw connection.
@@ -297,11 +302,7 @@ async fn plain_hot_requests_are_answered_in_place_pipelined_and_split_anywhere()
         closed(&mut stream).await,
         "an idle connection closes on stop"
     );
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the server stops promptly")
-        .unwrap()
-        .unwrap();
+    stops_promptly(server).await;
 }
 
 #[tokio::test]
@@ -376,9 +377,5 @@ async fn anything_else_hands_the_connection_to_hyper_with_the_bytes_already_read
     // A connection hyper drives also closes on stop.
     let _ = stop.send(());
     assert!(closed(&mut stream).await);
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the server stops promptly")
-        .unwrap()
-        .unwrap();
+    stops_promptly(server).await;
 }
