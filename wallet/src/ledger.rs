@@ -41,7 +41,9 @@ pub struct TransferRequest {
     pub debit: AccountName,
     pub credit: AccountName,
     pub amount: Amount,
-    /// Canonical JSON of the metadata object (sorted keys), compared on replays.
+    /// Canonical JSON of the metadata object (sorted keys). It describes the transfer and is
+    /// kept as the first attempt wrote it; it takes no part in the replay comparison, since
+    /// callers put per-attempt details there (request ids, times).
     pub metadata: Option<String>,
 }
 
@@ -88,12 +90,13 @@ impl TransferRequest {
         })
     }
 
+    /// A replay is the same transfer when it moves the same money between the same accounts:
+    /// what the caller asked for. The metadata is left out on purpose (see the field).
     fn same_body_as(&self, original: &transfer::Model) -> bool {
         original.debit == self.debit.as_str()
             && original.credit == self.credit.as_str()
             && original.amount == self.amount.minor()
             && original.currency == self.amount.currency().code()
-            && original.metadata == self.metadata
     }
 }
 

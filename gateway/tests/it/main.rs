@@ -3,6 +3,7 @@
 
 mod auth;
 mod flow;
+mod idempotency;
 mod resilience;
 mod spec;
 mod system;

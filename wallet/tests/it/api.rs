@@ -50,6 +50,16 @@ async fn a_retried_transfer_moves_money_once_and_a_different_body_conflicts(back
     assert_eq!(again.json::<Value>().await.unwrap(), first);
     assert_eq!(app.balance("user:u1").await, 300);
 
+    // A retry whose metadata carries what differs per attempt (a request id, a time) is the
+    // same transfer: it answers the original, metadata included.
+    let mut retried = body.clone();
+    retried["metadata"] = json!({"a": "x", "b": 1, "request_id": "attempt-2"});
+    let again = app.transfer(&retried).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    assert_eq!(app.balance("user:u1").await, 300);
+
     let mut different = body.clone();
     different["amount"] = json!(301);
     assert_problem(
@@ -59,6 +69,22 @@ async fn a_retried_transfer_moves_money_once_and_a_different_body_conflicts(back
         Some("id"),
     )
     .await;
+    assert_eq!(app.balance("user:u1").await, 300);
+    for (field, value) in [
+        ("credit", json!("user:u2")),
+        ("debit", json!("merchant:m")),
+        ("currency", json!("USD")),
+    ] {
+        let mut different = body.clone();
+        different[field] = value;
+        assert_problem(
+            app.transfer(&different).await,
+            409,
+            "transfer_conflict",
+            Some("id"),
+        )
+        .await;
+    }
     assert_eq!(app.balance("user:u1").await, 300);
     app.assert_invariants().await;
     app.stop().await;
