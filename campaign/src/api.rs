@@ -411,6 +411,10 @@ pub struct RecordClaimBody {
 
 /// The most claims one batch call carries.
 pub const MAX_CLAIM_BATCH: usize = 1000;
+/// The largest body of a batch call: room for [`MAX_CLAIM_BATCH`] claims of the largest size
+/// (ids, a 64-byte user id and a 128-byte request id come to under 600 bytes a claim), so a
+/// batch within the count bound is never refused for its size.
+pub const CLAIM_BATCH_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
 /// One claim of a batch to record.
 #[derive(Debug, Clone, Object, Deserialize)]
@@ -1074,7 +1078,7 @@ impl CampaignApi {
     #[oai(path = "/claims/batch/record", method = "post", tag = "ApiTags::Saga")]
     async fn record_batch(
         &self,
-        body: StrictJson<RecordClaimsBody>,
+        body: StrictJson<RecordClaimsBody, CLAIM_BATCH_BODY_LIMIT_BYTES>,
     ) -> Result<Json<ClaimBatchResults>, Problem> {
         let claims = body.0.claims;
         check_batch("claims", claims.iter().map(|claim| claim.id.as_str()))?;
@@ -1100,7 +1104,7 @@ impl CampaignApi {
     )]
     async fn credited_batch(
         &self,
-        body: StrictJson<ClaimIdsBody>,
+        body: StrictJson<ClaimIdsBody, CLAIM_BATCH_BODY_LIMIT_BYTES>,
     ) -> Result<Json<ClaimBatchResults>, Problem> {
         let ids: Vec<&str> = body.0.ids.iter().map(String::as_str).collect();
         check_batch("ids", ids.iter().copied())?;

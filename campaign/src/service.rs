@@ -582,10 +582,12 @@ impl CampaignService {
             self.forget_cached(campaign.id);
         }
         let campaign = self.campaign(id).await?;
-        if campaign.status == status::REJECTED {
-            Ok(campaign)
-        } else {
-            Err(CampaignError::WrongState(campaign.status, status::FUNDING))
+        match campaign.status.as_str() {
+            status::REJECTED => Ok(campaign),
+            // Cancelled while its funding was being refused: the funding saga ends, nothing
+            // having moved, and the refund settles the campaign.
+            status::CANCELLED => Err(CampaignError::Cancelled),
+            _ => Err(CampaignError::WrongState(campaign.status, status::FUNDING)),
         }
     }
 

@@ -148,8 +148,5 @@ pub async fn credit_all(
     if let [transfer] = transfers {
         return vec![wallet.transfer(transfer, "").await.map(|_| ())];
     }
-    match wallet.transfer_batch(transfers).await {
-        Ok(results) => results,
-        Err(err) => vec![Err(err); transfers.len()],
-    }
+    wallet.transfer_batch(transfers).await
 }

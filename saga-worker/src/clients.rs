@@ -1,7 +1,14 @@
 //! The internal APIs the sagas call: the campaign service and the wallet.
 //!
-//! Every call has a timeout. Failures are sorted once, here: a timeout, a connection error or
-//! a 5xx is transient (retry later); a 4xx is the service's final word (compensate or give up).
+//! Every call has a timeout. Failures are sorted once, here, and the rule is narrow on
+//! purpose: only the service that owns an item can refuse that item. A refusal is a
+//! `application/problem+json` answer of that service with a 4xx status and a `code`, for one
+//! call or for one item of a batch's answer ([`StepError::Refused`]); the step decides which
+//! codes may undo a saga. Everything else is [`StepError::Transient`] and is retried: a
+//! timeout, a connection error, a 5xx, a 408 or 429, a refusal of the whole call (401, 403,
+//! 413: auth or size, not the item), and any answer that is not the owner's problem (a proxy's
+//! page). A batch the receiver refuses for its size is split and sent again, and batches are
+//! built under [`MAX_BATCH_BODY_BYTES`] so that it does not happen in the first place.
 
 use std::time::Duration;
 
@@ -11,16 +18,21 @@ use serde_json::{Value, json};
 
 /// How long one call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest body of a batch call this worker sends: under every receiver's bound (the
+/// campaign service takes 1 MiB on its batch endpoints, the wallet 8 MiB), so a batch is never
+/// refused for its size; a larger batch is sent as several calls.
+pub const MAX_BATCH_BODY_BYTES: usize = 256 * 1024;
 
 /// Why a step failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// Worth retrying: the other side may answer later.
+    /// Worth retrying: the other side may answer later, or did not answer for the item.
     #[error("transient: {0}")]
     Transient(String),
-    /// The other side refused for good (`code`: its problem code).
-    #[error("permanent ({code}): {detail}")]
-    Permanent { code: String, detail: String },
+    /// The service that owns the item refused it (`code`: its problem code). Only some codes
+    /// let a saga undo; the others park the saga for an operator.
+    #[error("refused ({code}): {detail}")]
+    Refused { code: String, detail: String },
 }
 
 impl StepError {
@@ -33,17 +45,51 @@ fn from_reqwest(err: reqwest::Error) -> StepError {
     StepError::Transient(err.to_string())
 }
 
-/// Reads a problem answer into a step error.
+/// Whether a status refuses the whole call rather than the item it carries: a timeout, a
+/// limit, the caller's credentials or the request's size. Such an answer says nothing about
+/// the item, whoever sent it.
+fn refuses_the_call(status: StatusCode) -> bool {
+    status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::PAYLOAD_TOO_LARGE
+        )
+}
+
+/// Sorts one problem (a call's answer or a batch item's) into a step error.
+fn sort_problem(status: StatusCode, problem: Option<&Value>) -> StepError {
+    let code = problem.and_then(|p| p["code"].as_str());
+    let detail = problem
+        .and_then(|p| p["detail"].as_str())
+        .unwrap_or_default();
+    match code {
+        Some(code) if status.is_client_error() && !refuses_the_call(status) => StepError::Refused {
+            code: code.to_owned(),
+            detail: detail.to_owned(),
+        },
+        Some(code) => StepError::Transient(format!("{status} {code}: {detail}")),
+        None => StepError::Transient(format!("{status} without a problem of the service")),
+    }
+}
+
+/// Reads a failed answer into a step error: a refusal only when it is the owner's problem.
 async fn refusal(response: reqwest::Response) -> StepError {
     let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    let code = body["code"].as_str().unwrap_or("unknown").to_owned();
-    let detail = body["detail"].as_str().unwrap_or_default().to_owned();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        StepError::Transient(format!("{status} {code}: {detail}"))
+    let is_problem = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/problem+json"));
+    let body: Option<Value> = if is_problem {
+        response.json().await.ok()
     } else {
-        StepError::Permanent { code, detail }
-    }
+        None
+    };
+    sort_problem(status, body.as_ref())
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Result<Value, StepError> {
@@ -95,39 +141,123 @@ struct BatchItem {
     error: Option<Value>,
 }
 
-/// Sends a batch call and sorts its answer into one result per item, in order.
+/// Sends `items` to a batch endpoint as `{wrapper: [items]}`, in as many calls as the size
+/// bound needs: each call's body stays under [`MAX_BATCH_BODY_BYTES`], and a call refused for
+/// its size (413) is split in two and sent again. Answers one result per item, in order; a
+/// call that fails as a whole fails each of its items with the same (transient) error.
 async fn send_batch(
+    request: impl Fn() -> reqwest::RequestBuilder + Sync,
+    wrapper: &str,
+    items: &[Value],
+) -> Vec<Result<Value, StepError>> {
+    let mut results = Vec::with_capacity(items.len());
+    for chunk in chunks_under(items, MAX_BATCH_BODY_BYTES) {
+        results.extend(send_splitting(&request, wrapper, chunk).await);
+    }
+    results
+}
+
+/// Splits items into runs whose JSON array (with the wrapper's few bytes) stays under `limit`;
+/// an item larger than the limit on its own travels alone.
+fn chunks_under(items: &[Value], limit: usize) -> Vec<&[Value]> {
+    // Room for `{"wrapper":[...]}` around the items.
+    const ENVELOPE_BYTES: usize = 64;
+    let mut chunks = Vec::new();
+    let (mut start, mut size) = (0, ENVELOPE_BYTES);
+    for (index, item) in items.iter().enumerate() {
+        let item_size = item.to_string().len() + 1;
+        if index > start && size + item_size > limit {
+            chunks.push(&items[start..index]);
+            (start, size) = (index, ENVELOPE_BYTES);
+        }
+        size += item_size;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
+/// One batch call; a 413 splits it in halves (at most log2 of the batch size deep).
+fn send_splitting<'a, F>(
+    request: &'a F,
+    wrapper: &'a str,
+    items: &'a [Value],
+) -> futures::future::BoxFuture<'a, Vec<Result<Value, StepError>>>
+where
+    F: Fn() -> reqwest::RequestBuilder + Sync,
+{
+    Box::pin(async move {
+        match send_once(request(), wrapper, items).await {
+            Ok(results) => results,
+            Err(TooLarge) if items.len() > 1 => {
+                let (left, right) = items.split_at(items.len() / 2);
+                let mut results = send_splitting(request, wrapper, left).await;
+                results.extend(send_splitting(request, wrapper, right).await);
+                results
+            }
+            Err(Failed(err)) => vec![Err(err); items.len()],
+            Err(TooLarge) => vec![
+                Err(StepError::transient(
+                    "the receiver refused a single item for its size"
+                ));
+                items.len()
+            ],
+        }
+    })
+}
+
+/// Why one batch call gave no per-item answer.
+enum CallFailure {
+    TooLarge,
+    Failed(StepError),
+}
+use CallFailure::{Failed, TooLarge};
+
+async fn send_once(
     request: reqwest::RequestBuilder,
-    items: usize,
-) -> Result<Vec<Result<Value, StepError>>, StepError> {
-    let response = request.send().await.map_err(from_reqwest)?;
-    if !response.status().is_success() {
-        return Err(refusal(response).await);
+    wrapper: &str,
+    items: &[Value],
+) -> Result<Vec<Result<Value, StepError>>, CallFailure> {
+    let response = request
+        .json(&json!({ wrapper: items }))
+        .send()
+        .await
+        .map_err(|err| Failed(from_reqwest(err)))?;
+    let status = response.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return Err(TooLarge);
     }
-    let results: BatchResults = response.json().await.map_err(from_reqwest)?;
-    if results.results.len() != items {
-        return Err(StepError::transient(
+    if !status.is_success() {
+        // Whatever the status, a failed batch call refuses no item on its own: the items are
+        // retried (a refusal of one item comes as that item's result).
+        let err = match refusal(response).await {
+            StepError::Refused { code, detail } => {
+                StepError::Transient(format!("{status} {code} for the whole batch: {detail}"))
+            }
+            transient => transient,
+        };
+        return Err(Failed(err));
+    }
+    let answer: BatchResults = response
+        .json()
+        .await
+        .map_err(|err| Failed(from_reqwest(err)))?;
+    if answer.results.len() != items.len() {
+        return Err(Failed(StepError::transient(
             "a batch was answered with the wrong number of results",
-        ));
+        )));
     }
-    Ok(results
+    Ok(answer
         .results
         .into_iter()
         .map(|item| {
             if item.ok {
                 Ok(item.claim.unwrap_or(Value::Null))
             } else {
-                let error = item.error.unwrap_or(Value::Null);
-                let code = error["code"].as_str().unwrap_or("unknown").to_owned();
-                let detail = error["detail"].as_str().unwrap_or_default().to_owned();
-                if item.status >= 500 || item.status == 429 {
-                    Err(StepError::Transient(format!(
-                        "{} {code}: {detail}",
-                        item.status
-                    )))
-                } else {
-                    Err(StepError::Permanent { code, detail })
-                }
+                let status =
+                    StatusCode::from_u16(item.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                Err(sort_problem(status, item.error.as_ref()))
             }
         })
         .collect())
@@ -156,23 +286,20 @@ impl WalletClient {
         .await
     }
 
-    /// Applies up to 1,000 transfers; one result per transfer, in order.
-    pub async fn transfer_batch(
-        &self,
-        transfers: &[Transfer],
-    ) -> Result<Vec<Result<(), StepError>>, StepError> {
-        let body =
-            json!({"transfers": transfers.iter().map(Transfer::to_json).collect::<Vec<_>>()});
-        let request = self
-            .http
-            .post(format!("{}/transfers/batch", self.base))
-            .timeout(CALL_TIMEOUT)
-            .json(&body);
-        Ok(send_batch(request, transfers.len())
-            .await?
+    /// Applies transfers in batch calls (one for up to 1,000 unless the size bound splits
+    /// them); one result per transfer, in order.
+    pub async fn transfer_batch(&self, transfers: &[Transfer]) -> Vec<Result<(), StepError>> {
+        let items: Vec<Value> = transfers.iter().map(Transfer::to_json).collect();
+        let request = || {
+            self.http
+                .post(format!("{}/transfers/batch", self.base))
+                .timeout(CALL_TIMEOUT)
+        };
+        send_batch(request, "transfers", &items)
+            .await
             .into_iter()
             .map(|result| result.map(|_| ()))
-            .collect())
+            .collect()
     }
 
     /// An account's balance; 0 when it was never used.
@@ -233,29 +360,14 @@ impl CampaignClient {
     }
 
     /// Records many claims (each a `record` body with its `id`): one result per claim.
-    pub async fn record_claims(
-        &self,
-        claims: &[Value],
-    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
-        send_batch(
-            self.post("/claims/batch/record", "")
-                .json(&json!({ "claims": claims })),
-            claims.len(),
-        )
-        .await
+    pub async fn record_claims(&self, claims: &[Value]) -> Vec<Result<Value, StepError>> {
+        send_batch(|| self.post("/claims/batch/record", ""), "claims", claims).await
     }
 
     /// Marks many recorded claims credited: one result per claim.
-    pub async fn mark_claims_credited(
-        &self,
-        claim_ids: &[&str],
-    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
-        send_batch(
-            self.post("/claims/batch/credited", "")
-                .json(&json!({ "ids": claim_ids })),
-            claim_ids.len(),
-        )
-        .await
+    pub async fn mark_claims_credited(&self, claim_ids: &[&str]) -> Vec<Result<Value, StepError>> {
+        let ids: Vec<Value> = claim_ids.iter().map(|&id| Value::from(id)).collect();
+        send_batch(|| self.post("/claims/batch/credited", ""), "ids", &ids).await
     }
 
     pub async fn mark_credited(
@@ -349,5 +461,69 @@ impl CampaignClient {
                 .json(&json!({ "ids": ids })),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_cut_under_the_body_bound_and_keep_their_order() {
+        let items: Vec<Value> = (0..1000)
+            .map(|i| json!({"id": format!("claim-{i}"), "request_id": "r".repeat(128)}))
+            .collect();
+        let limit = 16 * 1024;
+        let chunks = chunks_under(&items, limit);
+        assert!(chunks.len() > 1);
+        let mut seen = 0;
+        for chunk in &chunks {
+            let body = json!({ "claims": chunk }).to_string();
+            assert!(body.len() <= limit, "{} bytes", body.len());
+            assert_eq!(chunk[0], items[seen]);
+            seen += chunk.len();
+        }
+        assert_eq!(seen, items.len());
+        let huge = vec![json!("x".repeat(limit * 2)), json!(1)];
+        assert_eq!(
+            chunks_under(&huge, limit).len(),
+            2,
+            "an oversized item goes alone"
+        );
+        assert!(chunks_under(&[], limit).is_empty());
+    }
+
+    #[test]
+    fn only_the_owner_s_problem_for_the_item_is_a_refusal() {
+        let problem = json!({"code": "insufficient_funds", "detail": "no money"});
+        assert_eq!(
+            sort_problem(StatusCode::UNPROCESSABLE_ENTITY, Some(&problem)),
+            StepError::Refused {
+                code: "insufficient_funds".into(),
+                detail: "no money".into()
+            }
+        );
+        for status in [
+            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::FORBIDDEN,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            assert!(
+                matches!(
+                    sort_problem(status, Some(&problem)),
+                    StepError::Transient(_)
+                ),
+                "{status} refuses the call, not the item"
+            );
+        }
+        // A 4xx that is no problem of the service (a proxy's page) says nothing of the item.
+        assert!(matches!(
+            sort_problem(StatusCode::NOT_FOUND, None),
+            StepError::Transient(_)
+        ));
     }
 }

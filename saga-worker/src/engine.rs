@@ -135,12 +135,24 @@ fn transient_or_dead(err: StepError) -> Next {
     Next::Stop(step_outcome(err))
 }
 
-/// A failed step's outcome: retry what may pass later, dead-letter what never will.
+/// A failed step's outcome: retry what may pass later; a refusal that no undo answers parks
+/// the saga in the dead letters for an operator (nothing is undone).
 pub(crate) fn step_outcome(err: StepError) -> Outcome {
     match err {
         StepError::Transient(reason) => Outcome::Retry(reason),
-        StepError::Permanent { code, detail } => Outcome::Dead(format!("{code}: {detail}")),
+        StepError::Refused { code, detail } => Outcome::Dead(format!("{code}: {detail}")),
     }
+}
+
+/// The wallet's refusals of a transfer that mean it moved nothing and never will: the only
+/// answers that turn a credit to compensation or a funding to rejection. Anything else (a
+/// conflicting replay, a malformed request, a refusal of the whole call) may hide money that
+/// moved, so it is retried or parked, never undone.
+pub(crate) fn undoes_a_transfer(code: &str) -> bool {
+    matches!(
+        code,
+        "insufficient_funds" | "currency_mismatch" | "balance_overflow"
+    )
 }
 
 /// A grab's two requests: its claim record for the campaign service (without the claim id)
@@ -297,9 +309,8 @@ impl<'a> Run<'a> {
             },
             "credit" => match self.engine.batcher.credit(transfer).await {
                 Ok(()) => Next::Step("mark_credited"),
-                Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
-                // The wallet refused for good: undo the grab.
-                Err(StepError::Permanent { code, detail }) => {
+                // The wallet refused this credit for good: undo the grab.
+                Err(StepError::Refused { code, detail }) if undoes_a_transfer(&code) => {
                     tracing::warn!(
                         claim = claim_id,
                         code,
@@ -308,6 +319,7 @@ impl<'a> Run<'a> {
                     );
                     Next::Undo("compensate", format!("{code}: {detail}"))
                 }
+                Err(err) => transient_or_dead(err),
             },
             "mark_credited" => match campaign.mark_credited(claim_id, self.request_id).await {
                 Ok(_) => Next::Finish(state::COMPLETED, None),
@@ -354,16 +366,16 @@ impl<'a> Run<'a> {
                     .await
                 {
                     Ok(_) => Next::Step("mark_funded"),
-                    Err(StepError::Transient(reason)) => Next::Stop(Outcome::Retry(reason)),
-                    Err(StepError::Permanent { code, detail }) => {
+                    Err(StepError::Refused { code, detail }) if undoes_a_transfer(&code) => {
                         Next::Undo("reject", format!("{code}: {detail}"))
                     }
+                    Err(err) => transient_or_dead(err),
                 }
             }
             "mark_funded" => match campaign.mark_funded(campaign_id, self.request_id).await {
                 Ok(_) => Next::Finish(state::COMPLETED, None),
                 // Cancelled while funding: its refund saga gives the money back.
-                Err(StepError::Permanent { code, .. }) if code == "campaign_cancelled" => {
+                Err(StepError::Refused { code, .. }) if code == "campaign_cancelled" => {
                     Next::Finish(state::COMPLETED, Some("cancelled while funding".into()))
                 }
                 Err(err) => transient_or_dead(err),
@@ -377,6 +389,14 @@ impl<'a> Run<'a> {
                     .await
                 {
                     Ok(_) => Next::Finish(state::COMPENSATED, Some(reason)),
+                    // Cancelled while its funding was refused: nothing moved, and its refund
+                    // saga (which sees this saga compensated) settles it with nothing to give.
+                    Err(StepError::Refused { code, .. }) if code == "campaign_cancelled" => {
+                        Next::Finish(
+                            state::COMPENSATED,
+                            Some(format!("{reason}; cancelled while funding")),
+                        )
+                    }
                     Err(err) => transient_or_dead(err),
                 }
             }

@@ -13,8 +13,9 @@
 //! 6. the saga rows ended in one statement per state.
 //!
 //! Each saga keeps its own outcome: one whose record or credit fails is retried or
-//! dead-lettered alone, and one the wallet refuses turns to compensation on the one-by-one
-//! path, under the fence it already holds. The guarantees are the one-by-one path's: one
+//! dead-lettered alone, and one whose credit the wallet refuses (that item, for a reason that
+//! means nothing moved) turns to compensation on the one-by-one path, under the fence it
+//! already holds. A batch call that fails as a whole refuses none of its items: they retry. The guarantees are the one-by-one path's: one
 //! executor per saga (its lease), fenced saga-row writes, and idempotent steps.
 //!
 //! [`LeaseSet`]: redpacket_common::lease::LeaseSet
@@ -25,7 +26,7 @@ use redpacket_common::messages::{Envelope, SagaEvent};
 
 use crate::batcher::credit_all;
 use crate::clients::StepError;
-use crate::engine::{Engine, Outcome, Run, grab_requests, step_outcome};
+use crate::engine::{Engine, Outcome, Run, grab_requests, step_outcome, undoes_a_transfer};
 use crate::store::{NewSaga, state};
 
 /// A grab of the batch that is still being driven: its index in the batch.
@@ -203,14 +204,7 @@ impl Batch<'_> {
                 Some(record)
             })
             .collect();
-        let results = match self.engine.campaign.record_claims(&bodies).await {
-            Ok(results) => results,
-            Err(err) => {
-                let outcome = step_outcome(err);
-                outcomes.extend(fresh.iter().map(|&index| (index, outcome.clone())));
-                return Vec::new();
-            }
-        };
+        let results = self.engine.campaign.record_claims(&bodies).await;
         let mut to_credit = Vec::with_capacity(fresh.len());
         for (&index, result) in fresh.iter().zip(results) {
             match result {
@@ -246,8 +240,7 @@ impl Batch<'_> {
         for (&index, result) in to_credit.iter().zip(results) {
             match result {
                 Ok(()) => credited.push(index),
-                Err(StepError::Transient(reason)) => outcomes.push((index, Outcome::Retry(reason))),
-                Err(StepError::Permanent { code, detail }) => {
+                Err(StepError::Refused { code, detail }) if undoes_a_transfer(&code) => {
                     tracing::warn!(
                         claim = self.claim_id(index),
                         code,
@@ -260,6 +253,7 @@ impl Batch<'_> {
                         .await;
                     outcomes.push((index, outcome));
                 }
+                Err(err) => outcomes.push((index, step_outcome(err))),
             }
         }
         credited
@@ -276,18 +270,11 @@ impl Batch<'_> {
             return;
         }
         let ids: Vec<&str> = credited.iter().map(|&index| self.claim_id(index)).collect();
-        match self.engine.campaign.mark_claims_credited(&ids).await {
-            Ok(results) => {
-                for (&index, result) in credited.iter().zip(results) {
-                    match result {
-                        Ok(_) => finished.push((index, state::COMPLETED)),
-                        Err(err) => outcomes.push((index, step_outcome(err))),
-                    }
-                }
-            }
-            Err(err) => {
-                let outcome = step_outcome(err);
-                outcomes.extend(credited.iter().map(|&index| (index, outcome.clone())));
+        let results = self.engine.campaign.mark_claims_credited(&ids).await;
+        for (&index, result) in credited.iter().zip(results) {
+            match result {
+                Ok(_) => finished.push((index, state::COMPLETED)),
+                Err(err) => outcomes.push((index, step_outcome(err))),
             }
         }
     }

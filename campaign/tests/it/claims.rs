@@ -467,3 +467,43 @@ async fn claims_are_recorded_and_credited_in_batches_exactly(setup: Setup) {
     Arc::into_inner(app).unwrap().stop().await;
 }
 on_every_pool!(claims_are_recorded_and_credited_in_batches_exactly);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_of_the_largest_claims_is_never_refused_for_its_size() {
+    use crate::helpers::PoolKind;
+    let app = spawn_app(Setup {
+        backend: redpacket_common::testing::Backend::Postgres,
+        pool: PoolKind::Redis,
+    })
+    .await;
+    let count = 1000;
+    let id = app.create(&campaign_body(100_000, count, 1)).await;
+    app.fund_and_open(&id).await;
+    // The longest user id (64 characters) and request id (128) the system lets through.
+    let user = |i: i64| format!("{i:0>64}");
+    for i in 0..count {
+        assert_eq!(app.grab(&id, &user(i)).await.status(), 200);
+    }
+    let handoff = app.handoff(&id, 4).await;
+    assert_eq!(handoff.len(), 1000);
+    let items: Vec<Value> = handoff
+        .iter()
+        .map(|(claim, user, seq, amount)| {
+            let mut item = record_item(&id, claim, user, *seq, *amount);
+            item["request_id"] = json!("r".repeat(128));
+            item
+        })
+        .collect();
+    let body = json!({ "claims": items });
+    assert!(
+        body.to_string().len() > 256 * 1024,
+        "over the general body bound"
+    );
+    let results = batch_results(&app, "/claims/batch/record", &body).await;
+    assert!(results.iter().all(|r| r["ok"] == true));
+    let ids: Vec<&str> = handoff.iter().map(|(claim, ..)| claim.as_str()).collect();
+    let results = batch_results(&app, "/claims/batch/credited", &json!({ "ids": ids })).await;
+    assert!(results.iter().all(|r| r["ok"] == true));
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(stats["packets_credited"], 1000);
+}

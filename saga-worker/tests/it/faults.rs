@@ -1,37 +1,58 @@
-//! A proxy in front of the wallet that can fail on purpose.
+//! A proxy in front of the wallet or the campaign service that can fail on purpose, as the
+//! load balancers and proxies between real services do.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use poem::http::StatusCode;
 use poem::listener::TcpListener;
 use poem::{Body, EndpointExt, Request, Response, Route, Server};
 use serde_json::{Value, json};
 
-/// What the proxy does to wallet calls.
+/// What the proxy does to the calls it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Mode {
     /// Forward everything.
-    Pass = 0,
+    Pass,
     /// Answer 503 to everything.
-    Unavailable = 1,
+    Unavailable,
     /// Refuse every grab credit with 422, forward the rest.
-    RejectCredits = 2,
+    RejectCredits,
     /// Never answer grab credits (a wallet that hangs).
-    Hang = 3,
+    Hang,
+    /// Answer every POST with this status and an HTML page of the proxy's own, without
+    /// forwarding it (a timeout, a body too large, a bad gateway, a stray 4xx).
+    Page(u16),
+    /// Forward every POST, let the receiver commit it, then lose its answer and send a 408
+    /// page instead (a timeout on the way back).
+    CommitThenLose,
 }
 
 #[derive(Debug, Clone)]
 pub struct Faults {
-    mode: Arc<AtomicU8>,
+    mode: Arc<Mutex<Mode>>,
+    /// POSTs the proxy answered itself instead of relaying the receiver's answer.
+    pub faulted: Arc<AtomicU64>,
     pub url: String,
 }
 
 impl Faults {
     pub fn set(&self, mode: Mode) {
-        self.mode.store(mode as u8, Ordering::SeqCst);
+        *self.mode.lock().unwrap() = mode;
     }
+
+    fn mode(&self) -> Mode {
+        *self.mode.lock().unwrap()
+    }
+}
+
+fn page(status: u16) -> Response {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .content_type("text/html")
+        .body(format!(
+            "<html><body><h1>{status}</h1><p>the proxy</p></body></html>"
+        ))
 }
 
 fn refusal() -> Value {
@@ -40,17 +61,21 @@ fn refusal() -> Value {
            "detail": "refused on purpose"}})
 }
 
-/// Starts the proxy in front of `wallet_url`.
-pub async fn start(wallet_url: String) -> Faults {
-    let mode = Arc::new(AtomicU8::new(Mode::Pass as u8));
+/// Starts the proxy in front of `upstream_url`.
+pub async fn start(upstream_url: String) -> Faults {
+    let faults = Faults {
+        mode: Arc::new(Mutex::new(Mode::Pass)),
+        faulted: Arc::new(AtomicU64::new(0)),
+        url: String::new(),
+    };
     let client = reqwest::Client::new();
-    let state = (mode.clone(), client, wallet_url);
+    let state = (faults.clone(), client, upstream_url);
     let endpoint = Route::new()
         .at(
             "/*path",
             poem::endpoint::make(move |request: Request| {
-                let (mode, client, wallet) = state.clone();
-                async move { forward(mode.load(Ordering::SeqCst), &client, &wallet, request).await }
+                let (faults, client, upstream) = state.clone();
+                async move { forward(&faults, &client, &upstream, request).await }
             }),
         )
         .map_to_response();
@@ -63,17 +88,23 @@ pub async fn start(wallet_url: String) -> Faults {
         .port();
     tokio::spawn(Server::new_with_acceptor(acceptor).run(endpoint));
     Faults {
-        mode,
         url: format!("http://127.0.0.1:{port}"),
+        ..faults
     }
 }
 
 async fn forward(
-    mode: u8,
+    faults: &Faults,
     client: &reqwest::Client,
     wallet: &str,
     mut request: Request,
 ) -> poem::Result<Response> {
+    let mode = faults.mode();
+    let post = request.method() == poem::http::Method::POST;
+    if let (Mode::Page(status), true) = (mode, post) {
+        faults.faulted.fetch_add(1, Ordering::Relaxed);
+        return Ok(page(status));
+    }
     let body = request.take_body().into_bytes().await?;
     let path = request
         .uri()
@@ -82,12 +113,12 @@ async fn forward(
         .unwrap_or_default();
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let is_credit = |t: &Value| t["id"].as_str().is_some_and(|id| id.starts_with("grab:"));
-    if mode == Mode::Unavailable as u8 {
+    if mode == Mode::Unavailable {
         return Ok(Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
             .body("down on purpose"));
     }
-    if mode == Mode::Hang as u8
+    if mode == Mode::Hang
         && (is_credit(&json)
             || json["transfers"]
                 .as_array()
@@ -95,7 +126,7 @@ async fn forward(
     {
         std::future::pending::<()>().await;
     }
-    if mode == Mode::RejectCredits as u8 {
+    if mode == Mode::RejectCredits {
         if path == "/transfers" && is_credit(&json) {
             return Ok(Response::builder()
                 .status(StatusCode::UNPROCESSABLE_ENTITY)
@@ -136,6 +167,10 @@ async fn forward(
         .bytes()
         .await
         .map_err(|err| poem::Error::from_string(err.to_string(), StatusCode::BAD_GATEWAY))?;
+    if mode == Mode::CommitThenLose && post {
+        faults.faulted.fetch_add(1, Ordering::Relaxed);
+        return Ok(page(408));
+    }
     Ok(Response::builder()
         .status(status)
         .content_type(content_type)

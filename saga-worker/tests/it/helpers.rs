@@ -104,7 +104,10 @@ pub struct System {
     pub ledger: Ledger,
     pub campaigns: CampaignService,
     pub sagas: SagaStore,
+    /// Between the saga worker and the wallet.
     pub faults: Faults,
+    /// Between the saga worker and the campaign service.
+    pub campaign_faults: Faults,
     pub worker: Option<SagaProcess>,
     pub config: SagaConfig,
     redis_prefix: String,
@@ -169,6 +172,7 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
     stops.push(stop);
 
     let faults = faults::start(wallet_url.clone()).await;
+    let campaign_faults = faults::start(campaign_url.clone()).await;
     let (saga_database, saga_db) = database().await;
     let saga_url = saga_database.url.clone();
     databases.push(saga_database);
@@ -176,7 +180,7 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
         database_url: Secret::new(saga_url),
         redis_url: Secret::new(redis_url()),
         amqp_url: Secret::new(amqp_url()),
-        campaign_url: campaign_url.clone(),
+        campaign_url: campaign_faults.url.clone(),
         wallet_url: faults.url.clone(),
         worker_id: 512 + rand::random::<u32>() % 500,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -198,6 +202,7 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
         campaigns,
         sagas: SagaStore::new(saga_db),
         faults,
+        campaign_faults,
         worker: Some(worker),
         config,
         redis_prefix,

@@ -4,4 +4,5 @@
 mod bus;
 mod faults;
 mod helpers;
+mod refusals;
 mod sagas;
