@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 /// The version of the message format this code writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// A message on the saga queues.
+/// A message on the saga queues. Unknown fields are ignored (not refused) so that a worker
+/// reads the messages of a newer one during a rolling upgrade; the event stays strict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Envelope {
     pub schema_version: u32,
     pub message_id: String,
@@ -29,6 +29,13 @@ pub struct Envelope {
     /// Deliveries so far through the retry queues (0 on the first).
     #[serde(default)]
     pub attempt: u32,
+    /// When this message was first sent back for a retry (epoch ms): its retry budget counts
+    /// from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrying_since_ms: Option<i64>,
+    /// When its saga first waited on another (epoch ms): the wait bound counts from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since_ms: Option<i64>,
     pub event: SagaEvent,
 }
 
@@ -133,8 +140,19 @@ impl Envelope {
             message_id,
             request_id,
             attempt: 0,
+            retrying_since_ms: None,
+            waiting_since_ms: None,
             event,
         }
+    }
+
+    /// The message as a fresh start of its saga: no retries or waits behind it (a replay, a
+    /// re-drive by the sweeper).
+    pub fn restarted(mut self) -> Self {
+        self.attempt = 0;
+        self.retrying_since_ms = None;
+        self.waiting_since_ms = None;
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

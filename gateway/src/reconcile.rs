@@ -1,5 +1,6 @@
 //! The system's money invariants, checked now across the services: the ledger's own checks,
-//! the campaign database's own checks, and for every funded campaign that its escrow account
+//! the campaign database's own checks, the saga worker's (no saga stuck), and for every funded
+//! campaign that its escrow account
 //! holds exactly the unclaimed packets plus the claims in flight.
 
 use futures::StreamExt;
@@ -68,8 +69,14 @@ pub async fn run(gateway: &Gateway, request_id: &str) -> Result<Reconciliation, 
         .get("/reconciliation", request_id, read)
         .await?
         .json()?;
+    let sagas: Checks = gateway
+        .saga
+        .get("/reconciliation", request_id, read)
+        .await?
+        .json()?;
     let mut checks = ledger.checks;
     checks.extend(campaign.checks);
+    checks.extend(sagas.checks);
 
     let checked = campaign.campaigns.len();
     let outcomes: Vec<Result<Option<String>, GatewayError>> = futures::stream::iter(

@@ -107,6 +107,27 @@ pub struct DeadLetterList {
     pub dead_letters: Vec<DeadLetterView>,
 }
 
+/// One check of the reconciliation.
+#[derive(Debug, Clone, Object)]
+pub struct CheckView {
+    /// The invariant checked.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The saga worker's part of the reconciliation.
+#[derive(Debug, Clone, Object)]
+pub struct SagaChecks {
+    /// Every check.
+    pub checks: Vec<CheckView>,
+}
+
+/// Stuck sagas named at most in the reconciliation's detail.
+const STUCK_SHOWN: u64 = 20;
+
 /// The saga worker API.
 #[derive(Debug, Clone)]
 pub struct SagaApi {
@@ -163,6 +184,42 @@ impl SagaApi {
         }))
     }
 
+    /// The saga worker's checks: no saga is stuck (out of retries, or waiting past its bound);
+    /// each stuck one is named with its reason.
+    #[oai(path = "/reconciliation", method = "get", tag = "ApiTags::Sagas")]
+    async fn reconciliation(&self) -> Result<Json<SagaChecks>, Problem> {
+        let stuck = self
+            .store
+            .by_state(crate::store::state::STUCK, STUCK_SHOWN)
+            .await
+            .map_err(store_failure)?;
+        let detail = if stuck.is_empty() {
+            "no saga is stuck".to_owned()
+        } else {
+            let named: Vec<String> = stuck
+                .iter()
+                .map(|saga| {
+                    format!(
+                        "{} ({})",
+                        saga.id,
+                        saga.last_error.as_deref().unwrap_or("no reason recorded")
+                    )
+                })
+                .collect();
+            format!(
+                "stuck sagas (newest {STUCK_SHOWN} at most), each in the dead letters: {}",
+                named.join("; ")
+            )
+        };
+        Ok(Json(SagaChecks {
+            checks: vec![CheckView {
+                name: "no_stuck_sagas".to_owned(),
+                ok: stuck.is_empty(),
+                detail,
+            }],
+        }))
+    }
+
     /// The dead letters, newest first.
     #[oai(path = "/dead-letters", method = "get", tag = "ApiTags::DeadLetters")]
     async fn dead_letters(
@@ -200,13 +257,13 @@ impl SagaApi {
             .await
             .map_err(store_failure)?
             .ok_or_else(not_found)?;
-        let mut envelope = Envelope::from_bytes(letter.message.as_bytes()).map_err(|reason| {
+        let envelope = Envelope::from_bytes(letter.message.as_bytes()).map_err(|reason| {
             Problem::unprocessable(
                 "unreadable_message",
                 format!("the dead letter cannot be replayed: {reason}"),
             )
         })?;
-        envelope.attempt = 0;
+        let envelope = envelope.restarted();
         self.broker
             .publish("work", &format!("replay:{letter_id}"), &envelope.to_bytes())
             .await

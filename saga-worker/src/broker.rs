@@ -23,7 +23,8 @@ use tokio::sync::Mutex;
 
 /// Retry delays: `retry_base × 2^n` for n in `0..RETRY_LEVELS` (default base below).
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(200);
-/// Retry levels; a message that failed this many times goes to the dead queue.
+/// Retry levels: `retry_base × 2^n`; a message retried more often stays at the last level until
+/// its retry budget (`SagaConfig::retry_budget`) is spent, then goes to the dead queue.
 pub const RETRY_LEVELS: u32 = 8;
 /// The longest wait between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
@@ -68,9 +69,16 @@ impl Topology {
         format!("{}.saga.retry.{level}", self.prefix)
     }
 
-    /// The delay of a retry level.
+    /// The delay of a retry level: the longest a message waits there.
     pub fn retry_delay(&self, level: u32) -> Duration {
         self.retry_base * 2_u32.saturating_pow(level.min(RETRY_LEVELS))
+    }
+
+    /// A retry level's delay with jitter: uniform in its upper half, so that sagas failed
+    /// together (a whole batch, every saga of an outage) do not come back together.
+    pub fn jittered_retry_delay(&self, level: u32) -> Duration {
+        self.retry_delay(level)
+            .mul_f64(rand::random_range(0.5..=1.0))
     }
 }
 
@@ -250,7 +258,21 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let channel = self.publisher().await?;
         let mut confirms = Vec::with_capacity(messages.len());
+        let level: Option<u32> = routing_key
+            .strip_prefix("retry.")
+            .and_then(|level| level.parse().ok());
         for (message_id, payload) in messages {
+            let mut properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(ShortString::from("application/json"))
+                .with_message_id(ShortString::from(message_id.as_str()));
+            // The queue's TTL is the level's delay; each message expires a little earlier
+            // (jitter). A queue expires from its head, so a message never waits past the TTL.
+            if let Some(level) = level {
+                let delay = self.topology.jittered_retry_delay(level);
+                properties =
+                    properties.with_expiration(ShortString::from(delay.as_millis().to_string()));
+            }
             confirms.push(
                 channel
                     .basic_publish(
@@ -258,10 +280,7 @@ impl Broker {
                         routing_key,
                         BasicPublishOptions::default(),
                         payload,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_content_type(ShortString::from("application/json"))
-                            .with_message_id(ShortString::from(message_id.as_str())),
+                        properties,
                     )
                     .await?,
             );

@@ -101,7 +101,7 @@ impl Bus for LocalBus {
                 let level: u32 = level
                     .parse()
                     .map_err(|_| BrokerError::Local(format!("no queue `{routing_key}`")))?;
-                let delay = self.topology.retry_delay(level.min(RETRY_LEVELS));
+                let delay = self.topology.jittered_retry_delay(level.min(RETRY_LEVELS));
                 let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 ("work", now.saturating_add(delay_ms))
             }

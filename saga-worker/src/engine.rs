@@ -26,9 +26,9 @@ pub enum Outcome {
     Done,
     /// Try again later, through the retry queues.
     Retry(String),
-    /// Not ready yet (a refund waiting for claims in flight): look again later without using
-    /// up retries, since waiting is not failing. Bounded by what it waits for: every claim's
-    /// own saga ends, or is dead-lettered for an operator.
+    /// Not ready yet (a refund waiting for claims in flight, a saga another executor holds):
+    /// look again later without using up retries, since waiting is not failing. Bounded by
+    /// `Engine::wait_max`: past it the saga is stuck, with the reason, for an operator.
     Wait(String),
     /// Give up now: dead-letter it.
     Dead(String),
@@ -49,6 +49,10 @@ pub struct Engine {
     pub batch: usize,
     /// The longest a grab waits for its batch to fill.
     pub linger: Duration,
+    /// How long a message keeps being retried before it is dead-lettered.
+    pub retry_budget: Duration,
+    /// How long a saga may wait on another before it is stuck.
+    pub wait_max: Duration,
 }
 
 fn escrow(campaign_id: &str) -> String {
@@ -70,7 +74,7 @@ impl Engine {
         {
             Ok(Some(lease)) => lease,
             // Another executor drives this saga right now; look again later.
-            Ok(None) => return Outcome::Retry("another executor holds the saga".into()),
+            Ok(None) => return Outcome::Wait("another executor holds the saga".into()),
             Err(err) => return Outcome::Retry(format!("lease: {err}")),
         };
         let fence = i64::try_from(lease.fence()).unwrap_or(i64::MAX);
@@ -416,6 +420,15 @@ impl<'a> Run<'a> {
         };
         match step {
             "start" | "wait_funding" => {
+                // A refund message of a campaign already settled (a late duplicate, after its
+                // sagas were purged) has nothing left to do.
+                match self.engine.campaign.stats(campaign_id).await {
+                    Ok(stats) if stats["status"] == "settled" => {
+                        return Next::Finish(state::COMPLETED, None);
+                    }
+                    Ok(_) => {}
+                    Err(err) => return transient_or_dead(err),
+                }
                 // The funding must be over, or its money could land after the refund.
                 match self.engine.store.get(&format!("fund:{campaign_id}")).await {
                     Ok(Some(funding)) if state::is_terminal(&funding.state) => {

@@ -66,7 +66,7 @@ impl Engine {
                 held.push(index);
             } else {
                 // Another executor drives this saga right now; look again later.
-                outcomes[index] = Some(Outcome::Retry("another executor holds the saga".into()));
+                outcomes[index] = Some(Outcome::Wait("another executor holds the saga".into()));
             }
         }
         if !held.is_empty() {

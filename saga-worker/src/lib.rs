@@ -75,8 +75,17 @@ pub struct SagaConfig {
     pub credit_linger: Duration,
     /// `RP_SAGA_LEASE_TTL_MS` (default 10000): an executor's lease on a saga.
     pub lease_ttl: Duration,
-    /// `RP_SAGA_RETRY_BASE_MS` (default 200): the first retry delay; each next one doubles.
+    /// `RP_SAGA_RETRY_BASE_MS` (default 200): the first retry delay; each next one doubles, up
+    /// to the last retry level's, which then repeats.
     pub retry_base: Duration,
+    /// `RP_SAGA_RETRY_BUDGET_MS` (default 600000, ten minutes): how long a saga's message keeps
+    /// being retried before it is dead-lettered; long enough to ride out an outage of a
+    /// service, the broker or a database lasting that long.
+    pub retry_budget: Duration,
+    /// `RP_SAGA_WAIT_MAX_MS` (default 1800000, thirty minutes; at least the retry budget): how
+    /// long a saga may wait on another (a refund on its funding or on claims in flight) before
+    /// it is `stuck` with the reason, in the dead letters for an operator.
+    pub wait_max: Duration,
     /// `RP_DB_MAX_CONNECTIONS` (default 16).
     pub db_max_connections: u32,
 }
@@ -100,6 +109,24 @@ impl SagaConfig {
                 reason: "must be at most 1000".into(),
             });
         }
+        let retry_budget_ms: u64 = source.or("RP_SAGA_RETRY_BUDGET_MS", 600_000)?;
+        if !(1_000..=MAX_RETRY_BUDGET_MS).contains(&retry_budget_ms) {
+            return Err(ConfigError::Malformed {
+                var: "RP_SAGA_RETRY_BUDGET_MS".into(),
+                shown: format!(" `{retry_budget_ms}`"),
+                reason: format!("must be between 1000 and {MAX_RETRY_BUDGET_MS}"),
+            });
+        }
+        let wait_max_ms: u64 = source.or("RP_SAGA_WAIT_MAX_MS", 1_800_000)?;
+        if !(retry_budget_ms..=MAX_RETRY_BUDGET_MS).contains(&wait_max_ms) {
+            return Err(ConfigError::Malformed {
+                var: "RP_SAGA_WAIT_MAX_MS".into(),
+                shown: format!(" `{wait_max_ms}`"),
+                reason: format!(
+                    "must be between RP_SAGA_RETRY_BUDGET_MS ({retry_budget_ms}) and {MAX_RETRY_BUDGET_MS}: a saga waiting on another must outlast that one's retries"
+                ),
+            });
+        }
         Ok(SagaConfig {
             database_url: source.required_secret("RP_DATABASE_URL")?,
             redis_url: source.required_secret("RP_REDIS_URL")?,
@@ -114,6 +141,8 @@ impl SagaConfig {
             credit_batch,
             credit_linger: Duration::from_millis(linger_ms),
             retry_base: Duration::from_millis(source.or("RP_SAGA_RETRY_BASE_MS", 200)?),
+            retry_budget: Duration::from_millis(retry_budget_ms),
+            wait_max: Duration::from_millis(wait_max_ms),
             lease_ttl: Duration::from_millis(source.or("RP_SAGA_LEASE_TTL_MS", 10_000)?),
             db_max_connections: source.or(
                 "RP_DB_MAX_CONNECTIONS",
@@ -122,6 +151,12 @@ impl SagaConfig {
         })
     }
 }
+
+/// The longest retry budget or wait bound: a day.
+pub const MAX_RETRY_BUDGET_MS: u64 = 24 * 3600 * 1000;
+/// The embedded mode's retry budget and wait bound: the distributed defaults.
+const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(600);
+const DEFAULT_WAIT_MAX: Duration = Duration::from_secs(1800);
 
 /// Switches for tests that play failures.
 #[derive(Debug, Clone, Default)]
@@ -196,6 +231,8 @@ struct Tuning {
     credit_batch: usize,
     credit_linger: Duration,
     lease_ttl: Duration,
+    retry_budget: Duration,
+    wait_max: Duration,
 }
 
 fn engine(
@@ -210,6 +247,8 @@ fn engine(
         credit_batch,
         credit_linger,
         lease_ttl,
+        retry_budget,
+        wait_max,
     } = tuning;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -225,6 +264,8 @@ fn engine(
         lease_ttl,
         batch: credit_batch,
         linger: credit_linger,
+        retry_budget,
+        wait_max,
     })
 }
 
@@ -260,6 +301,8 @@ impl Application {
                 credit_batch: config.credit_batch,
                 credit_linger: config.credit_linger,
                 lease_ttl: config.lease_ttl,
+                retry_budget: config.retry_budget,
+                wait_max: config.wait_max,
             },
         )?;
         let listener = BoundListener::bind(config.listen).await?;
@@ -293,6 +336,8 @@ impl Application {
                 credit_batch: 500,
                 credit_linger: Duration::from_millis(5),
                 lease_ttl: Duration::from_secs(10),
+                retry_budget: DEFAULT_RETRY_BUDGET,
+                wait_max: DEFAULT_WAIT_MAX,
             },
         )?;
         let listener = BoundListener::bind(config.listen).await?;

@@ -279,13 +279,77 @@ impl SagaStore {
         Ok(())
     }
 
-    /// Deletes finished sagas older than `before_ms`: saga state stays bounded.
+    /// Deletes finished sagas older than `before_ms`, so saga state stays bounded, but never
+    /// what a live saga still needs: a campaign's funding saga is read by its refund saga, so
+    /// the two go together once the refund completed (or the funding, rejected, has no refund
+    /// to wait for). Grab sagas are needed by nothing once finished. At most
+    /// `PURGE_CAMPAIGNS` campaigns per call.
     pub async fn purge_finished(&self, before_ms: i64) -> Result<u64, DbErr> {
-        let result = saga::Entity::delete_many()
-            .filter(saga::Column::State.is_in([state::COMPLETED, state::COMPENSATED]))
+        let terminal = [state::COMPLETED, state::COMPENSATED];
+        let mut purged = saga::Entity::delete_many()
+            .filter(saga::Column::Kind.eq("grab"))
+            .filter(saga::Column::State.is_in(terminal))
             .filter(saga::Column::UpdatedAtMs.lt(before_ms))
             .exec(&self.db)
+            .await?
+            .rows_affected;
+        let refunded: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::Kind.eq("refund"))
+            .filter(saga::Column::State.eq(state::COMPLETED))
+            .filter(saga::Column::UpdatedAtMs.lt(before_ms))
+            .limit(PURGE_CAMPAIGNS)
+            .into_tuple()
+            .all(&self.db)
             .await?;
-        Ok(result.rows_affected)
+        let mut ids: Vec<String> = Vec::with_capacity(refunded.len() * 2);
+        for refund in refunded {
+            if let Some(campaign) = refund.strip_prefix("refund:") {
+                ids.push(format!("fund:{campaign}"));
+            }
+            ids.push(refund);
+        }
+        // A rejected funding with no refund saga: nothing will ever read it.
+        let rejected: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::Kind.eq("funding"))
+            .filter(saga::Column::State.eq(state::COMPENSATED))
+            .filter(saga::Column::UpdatedAtMs.lt(before_ms))
+            .limit(PURGE_CAMPAIGNS)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let refunds: Vec<String> = rejected
+            .iter()
+            .filter_map(|id| id.strip_prefix("fund:"))
+            .map(|campaign| format!("refund:{campaign}"))
+            .collect();
+        let with_refund: std::collections::HashSet<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::Id.is_in(refunds))
+            .into_tuple::<String>()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .collect();
+        ids.extend(rejected.into_iter().filter(|id| {
+            id.strip_prefix("fund:")
+                .is_some_and(|campaign| !with_refund.contains(&format!("refund:{campaign}")))
+        }));
+        if !ids.is_empty() {
+            purged += saga::Entity::delete_many()
+                .filter(saga::Column::Id.is_in(ids))
+                .filter(saga::Column::State.is_in(terminal))
+                .exec(&self.db)
+                .await?
+                .rows_affected;
+        }
+        Ok(purged)
     }
 }
+
+/// Campaigns whose funding and refund sagas one purge removes at most.
+const PURGE_CAMPAIGNS: u64 = 500;

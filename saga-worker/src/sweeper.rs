@@ -28,8 +28,8 @@ pub async fn sweep_once(
     let stalled = store.stalled(before, PER_PASS).await?;
     for saga in &stalled {
         match Envelope::from_bytes(saga.payload.as_bytes()) {
-            Ok(mut envelope) => {
-                envelope.attempt = 0;
+            Ok(envelope) => {
+                let envelope = envelope.restarted();
                 broker
                     .publish(
                         "work",

@@ -39,13 +39,18 @@ pub async fn settle(
     raw: &[u8],
     outcome: Outcome,
 ) -> anyhow::Result<()> {
+    let now = redpacket_common::time::now_ms();
+    let outcome = bounded(engine, envelope, outcome, now);
     match (outcome, envelope) {
         (Outcome::Done, _) => {
             stats.done.fetch_add(1, Ordering::Relaxed);
         }
-        (Outcome::Retry(reason), Some(envelope)) if envelope.attempt < RETRY_LEVELS => {
+        (Outcome::Retry(reason), Some(envelope)) => {
+            // Doubling delays up to the last level's, which then repeats until the budget.
+            let level = envelope.attempt.min(RETRY_LEVELS - 1);
             let mut again = envelope.clone();
-            again.attempt += 1;
+            again.attempt = envelope.attempt.saturating_add(1);
+            again.retrying_since_ms = Some(envelope.retrying_since_ms.unwrap_or(now));
             tracing::debug!(
                 saga = envelope.event.saga_id(),
                 attempt = again.attempt,
@@ -54,7 +59,7 @@ pub async fn settle(
             );
             broker
                 .publish(
-                    &format!("retry.{}", envelope.attempt),
+                    &format!("retry.{level}"),
                     &again.message_id,
                     &again.to_bytes(),
                 )
@@ -66,6 +71,7 @@ pub async fn settle(
             let level = envelope.attempt.min(WAIT_LEVEL);
             let mut again = envelope.clone();
             again.attempt = (level + 1).min(WAIT_LEVEL);
+            again.waiting_since_ms = Some(envelope.waiting_since_ms.unwrap_or(now));
             tracing::debug!(saga = envelope.event.saga_id(), reason, "waiting");
             broker
                 .publish(
@@ -94,6 +100,35 @@ pub async fn settle(
         }
     }
     Ok(())
+}
+
+/// A retry past the message's retry budget, or a wait past the wait bound, gives up: the
+/// saga is stuck with the reason, in the dead letters for an operator.
+fn bounded(engine: &Engine, envelope: Option<&Envelope>, outcome: Outcome, now: i64) -> Outcome {
+    let over = |since: Option<i64>, bound: std::time::Duration| {
+        since.is_some_and(|since| {
+            now.saturating_sub(since) >= i64::try_from(bound.as_millis()).unwrap_or(i64::MAX)
+        })
+    };
+    match (outcome, envelope) {
+        (Outcome::Retry(reason), Some(envelope))
+            if over(envelope.retrying_since_ms, engine.retry_budget) =>
+        {
+            Outcome::Dead(format!(
+                "out of retries after {} s: {reason}",
+                engine.retry_budget.as_secs()
+            ))
+        }
+        (Outcome::Wait(reason), Some(envelope))
+            if over(envelope.waiting_since_ms, engine.wait_max) =>
+        {
+            Outcome::Dead(format!(
+                "stuck: waited more than {} s: {reason}",
+                engine.wait_max.as_secs()
+            ))
+        }
+        (outcome, _) => outcome,
+    }
 }
 
 /// What driving one saga message needs.

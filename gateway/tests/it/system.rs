@@ -206,6 +206,8 @@ impl System {
             credit_batch: 200,
             credit_linger: Duration::from_millis(5),
             retry_base: Duration::from_millis(20),
+            retry_budget: Duration::from_secs(5),
+            wait_max: Duration::from_secs(60),
             lease_ttl: Duration::from_millis(1500),
             db_max_connections: 8,
         };

@@ -142,6 +142,8 @@ async fn run(args: &Args, urls: &[String; 3], suffix: &str) -> anyhow::Result<()
             credit_batch: 500,
             credit_linger: Duration::from_millis(5),
             retry_base: Duration::from_millis(200),
+            retry_budget: Duration::from_secs(600),
+            wait_max: Duration::from_secs(1800),
             lease_ttl: Duration::from_secs(10),
             db_max_connections: 16,
         },

@@ -100,6 +100,12 @@ impl Drop for SagaProcess {
 pub struct System {
     pub client: reqwest::Client,
     pub wallet_url: String,
+    /// The running wallet's stop signal and task, while it runs.
+    wallet_process: Option<(
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    wallet_db: sea_orm::DatabaseConnection,
     pub campaign_url: String,
     pub ledger: Ledger,
     pub campaigns: CampaignService,
@@ -125,6 +131,15 @@ async fn database() -> (TestDatabase, sea_orm::DatabaseConnection) {
 }
 
 pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System {
+    spawn_system_with(switches, credit_batch, |_| {}).await
+}
+
+/// [`spawn_system`] with the saga worker's settings adjusted first.
+pub async fn spawn_system_with(
+    switches: TestSwitches,
+    credit_batch: usize,
+    adjust: impl FnOnce(&mut SagaConfig),
+) -> System {
     redpacket_common::telemetry::install_crypto_provider();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let redis_prefix = format!("rpt:{suffix}");
@@ -142,10 +157,10 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
     .unwrap();
     let wallet_url = format!("http://127.0.0.1:{}", wallet.port());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(wallet.run_until_stopped(async {
+    let wallet_task = tokio::spawn(wallet.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    stops.push(stop);
+    let wallet_process = Some((stop, wallet_task));
 
     let (campaign_database, campaign_db) = database().await;
     databases.push(campaign_database);
@@ -190,13 +205,19 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
         credit_batch,
         credit_linger: Duration::from_millis(5),
         retry_base: Duration::from_millis(20),
+        retry_budget: Duration::from_secs(30),
+        wait_max: Duration::from_secs(60),
         lease_ttl: Duration::from_millis(1500),
         db_max_connections: 8,
     };
+    let mut config = config;
+    adjust(&mut config);
     let worker = SagaProcess::start(config.clone(), switches);
     System {
         client: reqwest::Client::new(),
         wallet_url,
+        wallet_process,
+        wallet_db: wallet_db.clone(),
         campaign_url,
         ledger: Ledger::new(wallet_db),
         campaigns,
@@ -359,7 +380,33 @@ impl System {
         }
     }
 
+    /// Stops the wallet: its port refuses connections until [`System::start_wallet`].
+    pub async fn stop_wallet(&mut self) {
+        if let Some((stop, task)) = self.wallet_process.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+    }
+
+    /// Starts the wallet again on its port, over its database.
+    pub async fn start_wallet(&mut self) {
+        let address = self
+            .wallet_url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let wallet = redpacket_wallet::Application::with_database(self.wallet_db.clone(), address)
+            .await
+            .unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(wallet.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        self.wallet_process = Some((stop, task));
+    }
+
     pub async fn stop(mut self) {
+        self.stop_wallet().await;
         if let Some(worker) = self.worker.take() {
             let broker = worker.broker.clone();
             worker.stop();

@@ -4,5 +4,7 @@
 mod bus;
 mod faults;
 mod helpers;
+mod outage;
 mod refusals;
 mod sagas;
+mod waits;
