@@ -14,6 +14,13 @@
 //! manager, so no key is left behind per lease); the resources a holder writes keep
 //! the highest token they have seen and refuse writes with an older one ([`fenced_set`] is such
 //! a resource in Redis; saga rows in the database are another).
+//!
+//! Fencing tokens never go backwards, even when Redis loses the counter (a restart without
+//! persistence, a failover to a replica that lagged, a `FLUSHDB`): every grant is at least the
+//! server's clock in milliseconds × 1024 (so tokens follow the clock while fewer than 1,024 are
+//! granted a millisecond) and at least one more than the highest token this manager has seen or
+//! been told of ([`LeaseManager::raise_floor`]: the saga worker raises it to the highest fence
+//! its saga rows carry when it starts).
 
 use std::time::Duration;
 
@@ -24,10 +31,27 @@ use tokio_util::sync::CancellationToken;
 /// The shortest lease accepted: renewals every third of it must be realistic.
 pub const MIN_TTL: Duration = Duration::from_millis(30);
 
+/// The next fencing token, in Lua: the counter's next value, raised to the clock floor and the
+/// caller's floor when the counter is behind them (it was lost). A token is below 2^53, so Lua's
+/// numbers hold it exactly; `%.0f` writes it back without an exponent.
+const NEXT_FENCE: &str = r"
+local function next_fence(counter, floor)
+  local now = redis.call('TIME')
+  local clock = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1024
+  local fence = redis.call('INCR', counter)
+  local least = math.max(clock, tonumber(floor) + 1)
+  if fence < least then
+    redis.call('SET', counter, string.format('%.0f', least))
+    fence = least
+  end
+  return fence
+end
+";
+
 const ACQUIRE: &str = r"
--- KEYS: lease, fence counter; ARGV: token, ttl_ms
+-- KEYS: lease, fence counter; ARGV: token, ttl_ms, fence floor
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+  return next_fence(KEYS[2], ARGV[3])
 end
 return false
 ";
@@ -49,7 +73,7 @@ return 0
 ";
 
 const ACQUIRE_MANY: &str = r"
--- KEYS: fence counter, then the leases; ARGV: token, ttl_ms
+-- KEYS: fence counter, then the leases; ARGV: token, ttl_ms, fence floor
 -- Answers {fence, granted...}: one fence for every lease granted, 0 when none was.
 local answer = {0}
 local any = false
@@ -61,7 +85,7 @@ for i = 2, #KEYS do
     answer[i] = 0
   end
 end
-if any then answer[1] = redis.call('INCR', KEYS[1]) end
+if any then answer[1] = next_fence(KEYS[1], ARGV[3]) end
 return answer
 ";
 
@@ -119,6 +143,10 @@ pub trait LeaseStore: Send + Sync {
     /// Releases the lease if `token` holds it.
     async fn release(&self, key: &str, token: &str) -> Result<bool, LeaseError>;
 
+    /// Makes every later fencing token higher than `fence` (a token known to have been used,
+    /// say the highest one written to a resource), whatever the store has lost.
+    fn raise_floor(&self, fence: u64);
+
     /// Grants every free lease of `keys` to `token` at once, under one fencing token higher
     /// than any earlier grant of each of them: the fence (`None` when nothing was granted) and,
     /// per key, whether it was granted.
@@ -165,6 +193,8 @@ pub trait LeaseStore: Send + Sync {
 struct RedisLeases {
     connection: ConnectionManager,
     fence_key: String,
+    /// The highest fencing token granted or known: the next is always higher.
+    floor: std::sync::atomic::AtomicU64,
     acquire: Script,
     extend: Script,
     release: Script,
@@ -173,26 +203,46 @@ struct RedisLeases {
     release_many: Script,
 }
 
+impl RedisLeases {
+    fn floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn raise(&self, fence: u64) {
+        self.floor
+            .fetch_max(fence, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[async_trait::async_trait]
 impl LeaseStore for RedisLeases {
+    fn raise_floor(&self, fence: u64) {
+        self.raise(fence);
+    }
+
     async fn grant(
         &self,
         key: &str,
         token: &str,
         ttl: Duration,
     ) -> Result<Option<u64>, LeaseError> {
-        Ok(self
+        let fence: Option<u64> = self
             .acquire
             .key(key)
             .key(&self.fence_key)
             .arg(token)
             .arg(millis(ttl))
+            .arg(self.floor())
             .invoke_async(&mut self.connection.clone())
-            .await?)
+            .await?;
+        if let Some(fence) = fence {
+            self.raise(fence);
+        }
+        Ok(fence)
     }
 
     async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, LeaseError> {
@@ -223,11 +273,18 @@ impl LeaseStore for RedisLeases {
         ttl: Duration,
     ) -> Result<(Option<u64>, Vec<bool>), LeaseError> {
         let mut invocation = self.acquire_many.key(&self.fence_key);
-        invocation.key(keys).arg(token).arg(millis(ttl));
+        invocation
+            .key(keys)
+            .arg(token)
+            .arg(millis(ttl))
+            .arg(self.floor());
         let answer: Vec<u64> = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
         let fence = answer.first().copied().filter(|fence| *fence > 0);
+        if let Some(fence) = fence {
+            self.raise(fence);
+        }
         Ok((
             fence,
             answer.iter().skip(1).map(|flag| *flag == 1).collect(),
@@ -292,6 +349,11 @@ impl LocalLeases {
 
 #[async_trait::async_trait]
 impl LeaseStore for LocalLeases {
+    fn raise_floor(&self, fence: u64) {
+        self.fence
+            .fetch_max(fence, std::sync::atomic::Ordering::SeqCst);
+    }
+
     async fn grant(
         &self,
         key: &str,
@@ -369,10 +431,11 @@ impl LeaseManager {
             store: std::sync::Arc::new(RedisLeases {
                 connection,
                 fence_key: fence_key.to_owned(),
-                acquire: Script::new(ACQUIRE),
+                floor: std::sync::atomic::AtomicU64::new(0),
+                acquire: Script::new(&format!("{NEXT_FENCE}{ACQUIRE}")),
                 extend: Script::new(EXTEND),
                 release: Script::new(RELEASE),
-                acquire_many: Script::new(ACQUIRE_MANY),
+                acquire_many: Script::new(&format!("{NEXT_FENCE}{ACQUIRE_MANY}")),
                 extend_many: Script::new(EXTEND_MANY),
                 release_many: Script::new(RELEASE_MANY),
             }),
@@ -384,6 +447,12 @@ impl LeaseManager {
         LeaseManager {
             store: std::sync::Arc::new(LocalLeases::new()),
         }
+    }
+
+    /// Makes every later fencing token higher than `fence`: call it with the highest token a
+    /// resource holds, so that a store that lost its counter cannot hand out older ones.
+    pub fn raise_floor(&self, fence: u64) {
+        self.store.raise_floor(fence);
     }
 
     /// Tries once to take the lease on `key` for `ttl`; `None` when someone else holds it.

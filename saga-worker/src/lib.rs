@@ -291,6 +291,13 @@ impl Application {
             redis.clone(),
             &format!("{}:lease:fence", config.redis_prefix),
         );
+        // Redis may have lost its fencing counter (restarted without persistence, failed over
+        // to a replica behind it): grants must still be above every fence the rows hold.
+        let highest = SagaStore::new(db.clone())
+            .highest_fence()
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read the saga rows' fences: {err}"))?;
+        leases.raise_floor(u64::try_from(highest).unwrap_or(0));
         let engine = engine(
             db,
             &config.campaign_url,

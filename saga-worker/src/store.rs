@@ -198,6 +198,18 @@ impl SagaStore {
         Ok(())
     }
 
+    /// The highest fencing token any saga row carries (0 with none): every later grant must be
+    /// above it, or the rows would refuse their sagas' executors.
+    pub async fn highest_fence(&self) -> Result<i64, DbErr> {
+        let highest: Option<Option<i64>> = saga::Entity::find()
+            .select_only()
+            .column_as(saga::Column::Fence.max(), "highest")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(highest.flatten().unwrap_or(0))
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<saga::Model>, DbErr> {
         saga::Entity::find_by_id(id).one(&self.db).await
     }
