@@ -777,7 +777,13 @@ impl CampaignApi {
         /// Makes a retried create return the same campaign (1-128 visible ASCII characters).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
+        http_request: &poem::Request,
     ) -> Result<CreateResponse, Problem> {
+        // A key that is not visible ASCII reaches `idempotency_key` as no key at all: it is
+        // read again as sent, so that the service refuses it instead of ignoring it.
+        let idempotency_key = idempotency_key
+            .0
+            .or_else(|| redpacket_common::http::header_text(http_request, "Idempotency-Key"));
         let body = body.0;
         let request = CreateRequest {
             merchant_id: body.merchant_id,
@@ -798,7 +804,7 @@ impl CampaignApi {
             ends_at_ms: body.ends_at.timestamp_millis(),
             seed: body.seed,
         };
-        let (campaign, created) = self.service.create(request, idempotency_key.0).await?;
+        let (campaign, created) = self.service.create(request, idempotency_key).await?;
         Ok(if created {
             CreateResponse::Created(Json(campaign.into()))
         } else {

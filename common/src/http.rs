@@ -262,6 +262,20 @@ fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "live"}))
 }
 
+/// The text of a request header whatever bytes it holds (bytes that are not UTF-8 become
+/// U+FFFD), or `None` when the request has none.
+///
+/// poem-openapi's `Header<Option<String>>` takes a value that is not visible ASCII for a
+/// missing header: `Idempotency-Key: café` would be dropped, and the create it guards would no
+/// longer be idempotent. An operation falls back to this, so that its own check refuses the
+/// value by name.
+pub fn header_text(request: &Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
 /// The client's request id when it is sane, else a new one.
 pub fn request_id_of(request: &Request) -> String {
     request_id_from(request.headers())

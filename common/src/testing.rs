@@ -54,8 +54,18 @@ impl TestDatabase {
         let connection = Database::connect(&admin).await.unwrap_or_else(|err| {
             panic!("the {backend:?} test server at {admin} must be running: {err}")
         });
+        // A MySQL database starts with MariaDB's default, case-insensitive collation whatever
+        // the test server is configured with, as a production database created before the
+        // binary-keys migration did: the tests then show that the migrations make every key
+        // compare bytes exactly.
+        let create = match backend {
+            Backend::MySql => {
+                format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+            }
+            _ => format!("CREATE DATABASE {name}"),
+        };
         connection
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .execute_unprepared(&create)
             .await
             .unwrap_or_else(|err| panic!("creating test database {name}: {err}"));
         connection.close().await.ok();

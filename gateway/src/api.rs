@@ -486,8 +486,22 @@ impl PublicApi {
         /// Makes a retried create return the same campaign (1-128 visible ASCII characters).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
+        http_request: &poem::Request,
     ) -> Result<CreateResponse, GatewayError> {
         let caller = auth.0;
+        // poem-openapi reads a key that is not visible ASCII as no key at all; forwarded
+        // without it, the create would not be idempotent. It is refused as the campaign
+        // service refuses it.
+        if idempotency_key.0.is_none()
+            && redpacket_common::http::header_text(http_request, "Idempotency-Key").is_some()
+        {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                "the Idempotency-Key header must be 1-128 visible ASCII characters",
+            )
+            .with_field("Idempotency-Key")
+            .into());
+        }
         let mut body = serde_json::to_value(&body.0).map_err(|_| Problem::internal())?;
         if let Some(object) = body.as_object_mut() {
             object.insert("merchant_id".into(), caller.sub.clone().into());

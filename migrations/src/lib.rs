@@ -4,13 +4,16 @@
 //! Each service owns its tables, named with the service as prefix (`wallet_*`); no service
 //! reads another's. An applied migration is never edited: a change is a new migration.
 //! Times are stored as `BIGINT` milliseconds since the Unix epoch (`*_at_ms`), the one
-//! representation that behaves the same on all three databases.
+//! representation that behaves the same on all three databases. Every string column compares
+//! bytes exactly (a binary collation on MySQL/MariaDB, migration 4): ids that differ only by
+//! case are different keys on all three.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_wallet;
 mod m20261126_000002_campaign;
 mod m20261126_000003_saga;
+mod m20261201_000004_binary_keys;
 
 /// Applies, reverts and reports the migrations.
 #[derive(Debug)]
@@ -23,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_wallet::Migration),
             Box::new(m20261126_000002_campaign::Migration),
             Box::new(m20261126_000003_saga::Migration),
+            Box::new(m20261201_000004_binary_keys::Migration),
         ]
     }
 }

@@ -3,5 +3,6 @@
 
 mod claims;
 mod create;
+mod exact_ids;
 mod grab;
 mod helpers;

@@ -238,6 +238,26 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
         assert_eq!(problem["code"], code, "{body} → {problem}");
         assert_eq!(problem["field"].as_str(), field, "{body} → {problem}");
     }
+    // An idempotency key that is not ASCII is refused by name, not ignored (a retry would
+    // then create the campaign twice).
+    for key in ["café", "CAFÉ"] {
+        let response = gw
+            .client
+            .post(format!("{}/v1/campaigns", gw.url))
+            .bearer_auth(&merchant)
+            .header(
+                "Idempotency-Key",
+                reqwest::header::HeaderValue::from_bytes(key.as_bytes()).unwrap(),
+            )
+            .json(&valid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{key}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_field", "{problem}");
+        assert_eq!(problem["field"], "Idempotency-Key", "{problem}");
+    }
     let (_, page) = gw.get("/v1/campaigns", &merchant).await;
     assert_eq!(page["campaigns"], json!([]), "nothing was created");
 

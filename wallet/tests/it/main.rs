@@ -3,4 +3,5 @@
 mod api;
 mod bad_input;
 mod concurrency;
+mod exact_ids;
 mod helpers;
