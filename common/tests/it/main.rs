@@ -274,3 +274,71 @@ macro_rules! contract {
 
 contract!(in_redis, LeaseManager::new(redis().await));
 contract!(in_process, LeaseManager::local());
+
+/// Fencing tokens never go backwards, whatever Redis lost: the counter deleted (a restart
+/// without persistence, a failover to a replica behind it) or set back to a small value.
+#[tokio::test]
+async fn fencing_tokens_never_go_backwards_when_redis_loses_the_counter() {
+    let mut connection = redis().await;
+    let counter = key("fence");
+    let leases = LeaseManager::with_fence_key(connection.clone(), &counter);
+    let lock = key("lock");
+    let ttl = Duration::from_secs(5);
+    let first = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
+    let set = leases
+        .try_acquire_many(&[key("a"), key("b")], ttl)
+        .await
+        .unwrap();
+    assert!(set.fence() > first.fence());
+    let mut highest = set.fence();
+    first.release().await.unwrap();
+    set.release().await.unwrap();
+
+    let _: () = connection.del(&counter).await.unwrap();
+    let after_loss = leases.try_acquire(&lock, ttl).await.unwrap().unwrap();
+    assert!(
+        after_loss.fence() > highest,
+        "a deleted counter restarts above"
+    );
+    highest = after_loss.fence();
+    after_loss.release().await.unwrap();
+
+    // Another process (no memory of the tokens) after the counter went back to 1.
+    let _: () = connection.set(&counter, 1).await.unwrap();
+    let fresh = LeaseManager::with_fence_key(connection.clone(), &counter);
+    let other = fresh.try_acquire(&lock, ttl).await.unwrap().unwrap();
+    assert!(
+        other.fence() > highest,
+        "the clock floor holds for a new process"
+    );
+    let other_fence = other.fence();
+    other.release().await.unwrap();
+
+    // A floor far ahead of the clock (the highest fence the saga rows carry) is respected.
+    let floor = other_fence + 10_000_000_000;
+    fresh.raise_floor(floor);
+    let _: () = connection.del(&counter).await.unwrap();
+    let raised = fresh.try_acquire(&lock, ttl).await.unwrap().unwrap();
+    assert!(raised.fence() > floor);
+    let next = fresh
+        .try_acquire(&key("other"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.fence() > raised.fence(),
+        "the counter continues from the floor"
+    );
+    let _: () = connection.del(&counter).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_in_process_fence_respects_a_raised_floor() {
+    let leases = LeaseManager::local();
+    let ttl = Duration::from_secs(5);
+    let before = leases.try_acquire("a", ttl).await.unwrap().unwrap();
+    let floor = before.fence() + 1_000_000;
+    leases.raise_floor(floor);
+    let after = leases.try_acquire("b", ttl).await.unwrap().unwrap();
+    assert!(after.fence() > floor);
+}
