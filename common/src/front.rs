@@ -81,8 +81,10 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a keep-alive connection waits, after an answer, for the first byte of its next
 /// request (nginx's `keepalive_timeout`); the front's loop also cuts an answer the client has
 /// not taken within it. Longer than the idle time of the pooled clients in front of a service
-/// (the gateway's 60 s, a load balancer's usual 60 s), so that a client drops an idle
-/// connection before the server closes it under a request.
+/// (60 s for the gateway's hyper client and the saga worker's, and for a load balancer as
+/// usually set), so that such a client drops an idle connection before the server closes it
+/// under a request; the gateway's grab relay ([`crate::wire::WirePool`]) checks a pooled
+/// connection for the server's close before reusing it.
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Connections one server holds open at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 10_000;
