@@ -19,6 +19,16 @@
 //! connection, and may leave any request it does not want (an unusual content type, say) to
 //! the framework. The front gives it what the edge gives every request: a request id (the
 //! client's when sane), a tracing span, the id echoed on the answer, and the HTTP metrics.
+//!
+//! No connection is held for free ([`ConnectionLimits`]): a request head must arrive whole
+//! within [`HEAD_TIMEOUT`] (from the accept for a connection's first request, from its first
+//! byte for a later one: a head dribbled a byte at a time is cut at the deadline of the whole
+//! head), a keep-alive connection is closed when its next request has not begun
+//! [`KEEP_ALIVE_TIMEOUT`] after an answer, and a server holds at most [`MAX_CONNECTIONS`]
+//! connections: one more is answered 503 with `Retry-After` at once and closed, never left in
+//! the listen backlog. Both drivers keep these times: the front's loop with one timer per
+//! connection, moved rather than replaced, and hyper through a watch on the connection's reads
+//! and answers.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +36,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
@@ -39,7 +49,7 @@ use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, IntoResponse};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::http::{
@@ -61,6 +71,127 @@ pub type Answer = hyper::Response<Body>;
 pub const HOT_HEAD_MAX_BYTES: usize = 16 * 1024;
 /// The most header fields the front's own loop parses; a request with more goes to hyper.
 pub const HOT_HEADERS_MAX: usize = 32;
+
+/// The longest a request head may take to arrive: from the accept for a connection's first
+/// request, from its first byte for a later one (hyper's default; nginx's
+/// `client_header_timeout` is 60 s). A head is a few hundred bytes sent at once: only a broken
+/// or hostile client needs longer. In the front's own loop the hot route's bounded body is due
+/// by the same deadline.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a keep-alive connection waits, after an answer, for the first byte of its next
+/// request (nginx's `keepalive_timeout`); the front's loop also cuts an answer the client has
+/// not taken within it. Longer than the idle time of the pooled clients in front of a service
+/// (60 s for the gateway's hyper client and the saga worker's, and for a load balancer as
+/// usually set), so that such a client drops an idle connection before the server closes it
+/// under a request; the gateway's grab relay ([`crate::wire::WirePool`]) checks a pooled
+/// connection for the server's close before reusing it.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Connections one server holds open at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// The largest `RP_MAX_CONNECTIONS`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// How long a connection may take and how many a server holds: what keeps a connection from
+/// being held for free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// See [`HEAD_TIMEOUT`].
+    pub head_timeout: Duration,
+    /// See [`KEEP_ALIVE_TIMEOUT`].
+    pub keep_alive_timeout: Duration,
+    /// See [`MAX_CONNECTIONS`]. Lowered at start to half the open files the process may have
+    /// (after raising its soft limit as far as needed), so that refusing stays possible.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            head_timeout: HEAD_TIMEOUT,
+            keep_alive_timeout: KEEP_ALIVE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// `RP_MAX_CONNECTIONS` (1 to [`MAX_CONNECTIONS_LIMIT`]), `RP_HEAD_TIMEOUT_MS` and
+    /// `RP_KEEP_ALIVE_TIMEOUT_MS` (1 to 600,000); the defaults when unset.
+    pub fn from_source(source: &crate::config::ConfigSource) -> Result<Self, crate::ConfigError> {
+        let millis = |var: &str, default: Duration| -> Result<Duration, crate::ConfigError> {
+            let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+            let value: u64 = source.or(var, default)?;
+            if !(1..=600_000).contains(&value) {
+                return Err(crate::ConfigError::Malformed {
+                    var: var.to_owned(),
+                    shown: format!(" `{value}`"),
+                    reason: "must be between 1 and 600000 milliseconds".into(),
+                });
+            }
+            Ok(Duration::from_millis(value))
+        };
+        let max_connections: usize = source.or("RP_MAX_CONNECTIONS", MAX_CONNECTIONS)?;
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
+            return Err(crate::ConfigError::Malformed {
+                var: "RP_MAX_CONNECTIONS".into(),
+                shown: format!(" `{max_connections}`"),
+                reason: format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            });
+        }
+        Ok(ConnectionLimits {
+            head_timeout: millis("RP_HEAD_TIMEOUT_MS", HEAD_TIMEOUT)?,
+            keep_alive_timeout: millis("RP_KEEP_ALIVE_TIMEOUT_MS", KEEP_ALIVE_TIMEOUT)?,
+            max_connections,
+        })
+    }
+}
+
+/// Raises the process's soft limit on open files to `wanted` when it is lower (at most to the
+/// hard limit, as Go's runtime does at start) and answers the soft limit then in force; `None`
+/// where it cannot be read.
+pub fn raise_open_files_limit(wanted: usize) -> Option<usize> {
+    #[cfg(unix)]
+    {
+        use nix::libc::rlim_t;
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+        let wanted = rlim_t::try_from(wanted).unwrap_or(rlim_t::MAX);
+        let soft = if soft < wanted {
+            let raised = wanted.min(hard);
+            match setrlimit(Resource::RLIMIT_NOFILE, raised, hard) {
+                Ok(()) => raised,
+                Err(_) => soft,
+            }
+        } else {
+            soft
+        };
+        Some(usize::try_from(soft).unwrap_or(usize::MAX))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = wanted;
+        None
+    }
+}
+
+/// The bound on connections a server keeps: `wanted`, or half the open files the process may
+/// have when that is less (each connection may need a second descriptor, for an upstream or a
+/// database, and refusing one more needs a descriptor too).
+fn connection_bound(wanted: usize) -> usize {
+    let Some(open_files) = raise_open_files_limit(wanted.saturating_mul(2)) else {
+        return wanted;
+    };
+    let bound = wanted.min(open_files / 2).max(1);
+    if bound < wanted {
+        tracing::warn!(
+            wanted,
+            bound,
+            open_files,
+            "the open-files limit is too low for the bound on connections; raise it (ulimit -n)"
+        );
+    }
+    bound
+}
 
 /// The head of a request as a hot route sees it: parsed in place by the front's loop, or
 /// hyper's on a connection hyper drives.
@@ -201,6 +332,7 @@ struct Shared<E, R> {
     local_addr: SocketAddr,
     /// How hyper drives a connection handed to it.
     http1: http1::Builder,
+    limits: ConnectionLimits,
 }
 
 impl<E: Endpoint, R: HotRoute> Shared<E, R> {
@@ -315,13 +447,14 @@ pub fn loop_index() -> Option<usize> {
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then lets requests in flight finish
-/// for at most [`SHUTDOWN_GRACE`].
+/// for at most [`SHUTDOWN_GRACE`]. Every connection keeps `limits`.
 pub async fn serve<E, R>(
     listener: TcpListener,
     endpoint: E,
     hot: R,
     metrics: Option<Metrics>,
     loops: Loops,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()>
 where
@@ -331,17 +464,28 @@ where
     let local_addr = listener.local_addr()?;
     let mut http1 = http1::Builder::new();
     http1.keep_alive(true);
+    // hyper's own head timer starts when it waits for a head, so it would count the keep-alive
+    // wait as part of the next head and close an idle connection after the head's time; the
+    // connection's watch keeps both times instead (see `serve_connection`).
+    http1.header_read_timeout(None);
+    let slots = Arc::new(Semaphore::new(connection_bound(limits.max_connections)));
+    let acceptor = Acceptor {
+        listener,
+        slots,
+        refusal: refusal().await,
+    };
     let shared = Arc::new(Shared {
         endpoint,
         hot,
         metrics,
         local_addr,
         http1,
+        limits,
     });
     let Loops::Threads(threads) = loops else {
         let (connections, accepted) = mpsc::unbounded_channel();
         let (served, ()) = tokio::join!(drive(shared, accepted), async move {
-            accept(listener, &[connections], shutdown).await;
+            acceptor.run(&[connections], shutdown).await;
         });
         return served;
     };
@@ -363,7 +507,7 @@ where
         senders.push(connections);
         finished.push(finished_rx);
     }
-    accept(listener, &senders, shutdown).await;
+    acceptor.run(&senders, shutdown).await;
     // The loops finish once every sender is gone.
     drop(senders);
     for finished in finished {
@@ -374,40 +518,100 @@ where
     Ok(())
 }
 
-/// A connection accepted, on its way to the loop that serves it.
-type Accepted = (std::net::TcpStream, SocketAddr);
+/// A connection accepted, on its way to the loop that serves it, with its slot under the
+/// bound (given back when the connection ends).
+type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 
-/// Accepts until `shutdown` resolves, handing connections to the loops in turn; returning drops
-/// the senders, which tells the loops to finish.
-async fn accept(
+/// The listener, the slots of the bound on connections, and the answer to one too many.
+struct Acceptor {
     listener: TcpListener,
-    loops: &[mpsc::UnboundedSender<Accepted>],
-    shutdown: impl Future<Output = ()> + Send,
-) {
-    tokio::pin!(shutdown);
-    for next in (0..loops.len()).cycle() {
-        let (stream, remote_addr) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+    slots: Arc<Semaphore>,
+    refusal: Vec<u8>,
+}
+
+impl Acceptor {
+    /// Accepts until `shutdown` resolves, handing connections to the loops in turn; returning
+    /// drops the senders, which tells the loops to finish. A connection over the bound is
+    /// refused at once: the loop never waits for a slot, so it always sees the shutdown.
+    async fn run(
+        self,
+        loops: &[mpsc::UnboundedSender<Accepted>],
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(shutdown);
+        for next in (0..loops.len()).cycle() {
+            let (stream, remote_addr) = tokio::select! {
+                () = &mut shutdown => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        tracing::warn!(error = %err, "accepting a connection failed");
+                        tokio::select! {
+                            () = &mut shutdown => return,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        }
+                    }
+                },
+            };
+            // Answers are written whole; Nagle would only hold them back for a delayed ACK.
+            let _ = stream.set_nodelay(true);
+            // Moved between runtimes as a plain socket; the loop registers it with its own
+            // reactor.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
                 Err(err) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %err, "accepting a connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tracing::warn!(error = %err, "handing a connection over failed");
                     continue;
                 }
-            },
-        };
-        // Answers are written whole; Nagle would only hold them back for a delayed ACK.
-        let _ = stream.set_nodelay(true);
-        // Moved between runtimes as a plain socket; the loop registers it with its own reactor.
-        match stream.into_std() {
-            Ok(stream) => {
-                let _ = loops[next].send((stream, remote_addr));
+            };
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let _ = loops[next].send((stream, remote_addr, slot));
+                }
+                Err(_) => refuse(&stream, &self.refusal),
             }
-            Err(err) => tracing::warn!(error = %err, "handing a connection over failed"),
         }
     }
+}
+
+/// The answer to a connection over the bound: 503 `overloaded` with `Retry-After`, and
+/// `Connection: close`, built once per server (no `Date`: a 5xx may go without one, and no
+/// request id: no request is read).
+async fn refusal() -> Vec<u8> {
+    let mut response = Problem::unavailable(
+        "overloaded",
+        "the server is at its bound of open connections; retry shortly",
+    )
+    .into_response();
+    // A problem's body is in memory: it always reads.
+    let body = response.take_body().into_bytes().await.unwrap_or_default();
+    let mut out = Vec::with_capacity(256 + body.len());
+    status_line(&mut out, response.status());
+    for (name, value) in response.headers() {
+        field(&mut out, name.as_str(), value.as_bytes());
+    }
+    field(&mut out, "connection", b"close");
+    let mut length = itoa::Buffer::new();
+    field(
+        &mut out,
+        "content-length",
+        length.format(body.len()).as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Refuses a connection over the bound without a task or a wait: one read of what the client
+/// already sent (closing a socket with unread bytes resets it, and a reset can destroy the
+/// answer before the client reads it), one write of the answer, then the close.
+fn refuse(stream: &std::net::TcpStream, answer: &[u8]) {
+    use std::io::{Read, Write};
+    // The socket is non-blocking (tokio made it so): neither call waits.
+    let mut sent = [0u8; 2048];
+    let _ = (&*stream).read(&mut sent);
+    let _ = (&*stream).write(answer);
 }
 
 /// Serves the connections handed over until the acceptor stops, then lets them finish the
@@ -424,7 +628,7 @@ where
     let (stop, stopping) = watch::channel(false);
     // Every connection holds a clone; `recv` answers `None` once the last one has ended.
     let (alive, mut all_ended) = mpsc::channel::<Infallible>(1);
-    while let Some((stream, remote_addr)) = accepted.recv().await {
+    while let Some((stream, remote_addr, slot)) = accepted.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(err) => {
@@ -435,6 +639,7 @@ where
         let (shared, stopping, alive) = (shared.clone(), stopping.clone(), alive.clone());
         tokio::spawn(async move {
             serve_connection(shared, stream, remote_addr, stopping).await;
+            drop(slot);
             drop(alive);
         });
     }
@@ -459,7 +664,8 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 }
 
 /// One connection: hot requests answered in the front's own loop, then, from the first request
-/// that is not one, hyper.
+/// that is not one, hyper. Either closes the connection at its deadline (see
+/// [`ConnectionLimits`]).
 async fn serve_connection<E, R>(
     shared: Arc<Shared<E, R>>,
     mut stream: TcpStream,
@@ -469,15 +675,24 @@ async fn serve_connection<E, R>(
     E: Endpoint + 'static,
     R: HotRoute,
 {
+    let limits = shared.limits;
     let mut buffer = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(1024);
     // One wait for the stop for the connection's whole life: it registers with the signal
     // once, not once per request.
     let stop = stopped(&mut stopping);
     tokio::pin!(stop);
+    // One timer for the connection's whole life too, moved to each new deadline: moving it
+    // later (after an answer) only updates the registered entry. The first request's head is
+    // due `head_timeout` after the accept.
+    let deadline = tokio::time::sleep(limits.head_timeout);
+    tokio::pin!(deadline);
+    // Whether the deadline running is the current request's (else it is the keep-alive's).
+    let mut request_due = true;
     loop {
         if buffer.is_empty() {
-            // Idle between requests: a stop closes the connection here.
+            // Idle between requests: a stop closes the connection here, and so does the
+            // deadline.
             tokio::select! {
                 biased;
                 () = &mut stop => return,
@@ -485,43 +700,200 @@ async fn serve_connection<E, R>(
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 },
+                () = &mut deadline => return,
             }
         }
         match hot_step(&shared, &buffer, &mut out).await {
             Step::Answered(consumed) => {
                 buffer.advance(consumed);
-                if let Err(_gone) = stream.write_all(&out).await {
-                    return;
+                // The answer must be taken, and the next request begun, within the keep-alive
+                // time.
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + limits.keep_alive_timeout);
+                request_due = false;
+                tokio::select! {
+                    biased;
+                    written = stream.write_all(&out) => if written.is_err() {
+                        return;
+                    },
+                    () = &mut deadline => return,
                 }
             }
-            Step::NeedMore => match stream.read_buf(&mut buffer).await {
-                // Closed in the middle of a request: nothing to answer.
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            },
+            Step::NeedMore => {
+                if !request_due {
+                    // A request has begun: the whole of it is due from its first byte (read
+                    // just now), however it trickles in.
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.head_timeout);
+                    request_due = true;
+                }
+                tokio::select! {
+                    biased;
+                    read = stream.read_buf(&mut buffer) => match read {
+                        // Closed in the middle of a request: nothing to answer.
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    () = &mut deadline => return,
+                }
+            }
             Step::HandOver => break,
         }
     }
+    // hyper reads the request begun, due when the front's loop had it due.
+    let head_due = if request_due {
+        deadline.deadline()
+    } else {
+        tokio::time::Instant::now() + limits.head_timeout
+    };
+    let watch = Arc::new(Watch::new(limits, head_due));
     let io = TokioIo::new(Rewind {
         read: buffer.freeze(),
         stream,
+        watch: watch.clone(),
     });
-    let answering = shared.clone();
+    let (answering, watching) = (shared.clone(), watch.clone());
     let service = hyper::service::service_fn(move |request: HyperRequest| {
         let shared = answering.clone();
-        async move { Ok::<_, Infallible>(shared.answer(request, remote_addr).await) }
+        // Held by the answer's body until hyper has taken it whole.
+        let busy = watching.answering();
+        async move {
+            let answer = shared.answer(request, remote_addr).await;
+            Ok::<_, Infallible>(answer.map(|body| WatchedBody { body, _busy: busy }))
+        }
     });
     let connection = shared.http1.serve_connection(io, service);
     tokio::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        () = &mut stop => {
+    let mut stopping_now = false;
+    let ended = std::future::poll_fn(|cx| {
+        if !stopping_now && stop.as_mut().poll(cx).is_ready() {
+            // Closes the connection when idle, else after the answer being written.
             connection.as_mut().graceful_shutdown();
-            connection.await
+            stopping_now = true;
         }
-    };
-    if let Err(err) = ended {
+        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Some(ended));
+        }
+        // Reads and answers moved the watch's deadline while the connection was polled.
+        if let Some(due) = watch.deadline() {
+            if deadline.deadline() != due {
+                deadline.as_mut().reset(due);
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    if let Some(Err(err)) = ended {
         tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+/// When a connection hyper drives is due to close, kept by its reads ([`Rewind`]), its
+/// service and the bodies of its answers ([`WatchedBody`]); all run in the connection's task.
+#[derive(Debug)]
+struct Watch {
+    limits: ConnectionLimits,
+    state: std::sync::Mutex<Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    /// Requests being answered; while there is one, the front sets no deadline (the route's
+    /// own apply).
+    answering: usize,
+    /// Whether a byte of a request has arrived since the last answer.
+    begun: bool,
+    /// When the connection is closed: unless a request begins, when idle; unless its head
+    /// completes, once begun.
+    due: tokio::time::Instant,
+}
+
+impl Watch {
+    /// A watch on a connection whose request has begun and whose head is due at `head_due`.
+    fn new(limits: ConnectionLimits, head_due: tokio::time::Instant) -> Self {
+        Watch {
+            limits,
+            state: std::sync::Mutex::new(Watched {
+                answering: 0,
+                begun: true,
+                due: head_due,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Watched> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// When the connection is due to close, unless a request is being answered.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        let state = self.state();
+        (state.answering == 0).then_some(state.due)
+    }
+
+    /// Bytes arrived: the first after an answer begins a request, whose head is due from now.
+    fn read_some(&self) {
+        let mut state = self.state();
+        if state.answering == 0 && !state.begun {
+            state.begun = true;
+            state.due = tokio::time::Instant::now() + self.limits.head_timeout;
+        }
+    }
+
+    /// hyper has a whole head and calls the service: no deadline until the answer is taken.
+    fn answering(self: &Arc<Self>) -> Answering {
+        self.state().answering += 1;
+        Answering(self.clone())
+    }
+}
+
+/// A request being answered; dropped with the answer's body, which starts the keep-alive time.
+#[derive(Debug)]
+struct Answering(Arc<Watch>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.answering = state.answering.saturating_sub(1);
+        if state.answering == 0 {
+            state.begun = false;
+            state.due = tokio::time::Instant::now() + self.0.limits.keep_alive_timeout;
+        }
+    }
+}
+
+/// An answer's body that tells the watch when hyper has taken it whole (hyper drops a body at
+/// its end).
+#[derive(Debug)]
+struct WatchedBody {
+    body: Body,
+    _busy: Answering,
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = <Body as hyper::body::Body>::Data;
+    type Error = <Body as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -695,10 +1067,12 @@ impl HttpDate {
     }
 }
 
-/// A connection handed to hyper: the bytes the front's loop read first, then the socket.
+/// A connection handed to hyper: the bytes the front's loop read first, then the socket, whose
+/// reads tell the watch.
 struct Rewind {
     read: Bytes,
     stream: TcpStream,
+    watch: Arc<Watch>,
 }
 
 impl AsyncRead for Rewind {
@@ -708,7 +1082,12 @@ impl AsyncRead for Rewind {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         if self.read.is_empty() {
-            return Pin::new(&mut self.stream).poll_read(cx, buf);
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.watch.read_some();
+            }
+            return polled;
         }
         let take = self.read.len().min(buf.remaining());
         buf.put_slice(&self.read[..take]);
@@ -791,6 +1170,90 @@ mod tests {
             Loops::per_core(),
             Loops::Threads(1..=MAX_LOOP_THREADS)
         ));
+    }
+
+    fn connection_limits(pairs: &[(&str, &str)]) -> Result<ConnectionLimits, crate::ConfigError> {
+        let pairs = pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()));
+        ConnectionLimits::from_source(&ConfigSource::from_environment(pairs).unwrap())
+    }
+
+    #[test]
+    fn the_connection_limits_are_the_stated_defaults_bounded_and_named_when_wrong() {
+        assert_eq!(
+            connection_limits(&[]).unwrap(),
+            ConnectionLimits {
+                head_timeout: Duration::from_secs(30),
+                keep_alive_timeout: Duration::from_secs(75),
+                max_connections: 10_000,
+            }
+        );
+        assert_eq!(
+            connection_limits(&[
+                ("RP_MAX_CONNECTIONS", "200"),
+                ("RP_HEAD_TIMEOUT_MS", "500"),
+                ("RP_KEEP_ALIVE_TIMEOUT_MS", "1500"),
+            ])
+            .unwrap(),
+            ConnectionLimits {
+                head_timeout: Duration::from_millis(500),
+                keep_alive_timeout: Duration::from_millis(1_500),
+                max_connections: 200,
+            }
+        );
+        for (var, bad) in [
+            ("RP_MAX_CONNECTIONS", "0"),
+            ("RP_MAX_CONNECTIONS", "1000001"),
+            ("RP_MAX_CONNECTIONS", "many"),
+            ("RP_HEAD_TIMEOUT_MS", "0"),
+            ("RP_HEAD_TIMEOUT_MS", "600001"),
+            ("RP_KEEP_ALIVE_TIMEOUT_MS", "0"),
+            ("RP_KEEP_ALIVE_TIMEOUT_MS", "-1"),
+        ] {
+            let err = connection_limits(&[(var, bad)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_refusal_is_a_whole_503_problem_that_closes_the_connection() {
+        let refusal = refusal().await;
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut fields);
+        let httparse::Status::Complete(head_len) = response.parse(&refusal).unwrap() else {
+            panic!("a whole head");
+        };
+        assert_eq!(response.code, Some(503));
+        let value = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|field| field.name.eq_ignore_ascii_case(name))
+                .map(|field| String::from_utf8_lossy(field.value).into_owned())
+        };
+        assert_eq!(value("retry-after").as_deref(), Some("1"));
+        assert_eq!(value("connection").as_deref(), Some("close"));
+        let length: usize = value("content-length").unwrap().parse().unwrap();
+        assert_eq!(length, refusal.len() - head_len);
+        let body: serde_json::Value = serde_json::from_slice(&refusal[head_len..]).unwrap();
+        assert_eq!(
+            (body["status"].as_u64(), &body["code"]),
+            (Some(503), &serde_json::json!("overloaded"))
+        );
+    }
+
+    #[test]
+    fn the_bound_on_connections_fits_the_open_files_limit() {
+        assert_eq!(connection_bound(10), 10, "well within the limit: as asked");
+        // Asking for more than the process may open raises its soft limit as far as it goes.
+        let bound = connection_bound(usize::MAX / 4);
+        let open_files = raise_open_files_limit(0).expect("readable on unix");
+        assert_eq!(
+            bound,
+            open_files / 2,
+            "beyond what the process may open: half of it"
+        );
     }
 
     fn field<'a>(name: &'a str, value: &'a str) -> httparse::Header<'a> {

@@ -14,7 +14,7 @@ use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::Type;
 use serde::de::DeserializeOwned;
 
-use crate::front::{HotRoute, Loops, NoHotRoute};
+use crate::front::{ConnectionLimits, HotRoute, Loops, NoHotRoute};
 use crate::problem::Problem;
 use crate::telemetry::Metrics;
 
@@ -332,6 +332,7 @@ pub fn new_request_id() -> String {
 pub struct BoundListener {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
+    limits: ConnectionLimits,
 }
 
 impl BoundListener {
@@ -346,7 +347,15 @@ impl BoundListener {
         Ok(BoundListener {
             listener,
             local_addr,
+            limits: ConnectionLimits::default(),
         })
+    }
+
+    /// Serves with these times and this bound on connections instead of the defaults
+    /// ([`crate::front::HEAD_TIMEOUT`] and the others).
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The address actually bound (the real port when 0 was asked).
@@ -367,6 +376,7 @@ impl BoundListener {
             NoHotRoute,
             None,
             Loops::Shared,
+            self.limits,
             shutdown,
         )
         .await
@@ -382,7 +392,16 @@ impl BoundListener {
         loops: Loops,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        crate::front::serve(self.listener, endpoint, hot, Some(metrics), loops, shutdown).await
+        crate::front::serve(
+            self.listener,
+            endpoint,
+            hot,
+            Some(metrics),
+            loops,
+            self.limits,
+            shutdown,
+        )
+        .await
     }
 }
 

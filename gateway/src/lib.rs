@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use poem::{Endpoint, EndpointExt, IntoResponse, Route};
 use poem_openapi::OpenApiService;
 use redpacket_common::auth::{TokenKey, VerifiedTokens};
-use redpacket_common::front::Loops;
+use redpacket_common::front::{ConnectionLimits, Loops};
 use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::telemetry::Metrics;
 use redpacket_common::{ConfigError, ConfigSource, Problem, Secret};
@@ -93,6 +93,10 @@ pub struct GatewayConfig {
     /// `RP_HTTP_THREADS` (default: one per core; 0 for the shared runtime): the event loops
     /// that drive connections (see [`Loops`]).
     pub loops: Loops,
+    /// `RP_MAX_CONNECTIONS` (default 10,000), `RP_HEAD_TIMEOUT_MS` (default 30,000) and
+    /// `RP_KEEP_ALIVE_TIMEOUT_MS` (default 75,000): the bound on open connections and how long
+    /// a request head and an idle keep-alive connection may take (see [`ConnectionLimits`]).
+    pub connections: ConnectionLimits,
 }
 
 impl GatewayConfig {
@@ -127,6 +131,7 @@ impl GatewayConfig {
             currency: source.or("RP_CURRENCY", "CNY".to_owned())?,
             limits: LimitConfig::from_source(source)?,
             loops: Loops::from_source(source, Loops::per_core())?,
+            connections: ConnectionLimits::from_source(source)?,
             breaker: BreakerConfig::from_source(source)?,
             timeouts: Timeouts::from_source(source)?,
         })
@@ -264,6 +269,7 @@ pub fn spec_json() -> String {
         currency: "CNY".into(),
         limits: LimitConfig::DEFAULT,
         loops: Loops::Shared,
+        connections: ConnectionLimits::default(),
         breaker: BreakerConfig::default(),
         timeouts: Timeouts {
             grab: Duration::from_secs(1),
@@ -348,7 +354,9 @@ impl Application {
     pub async fn build(config: &GatewayConfig) -> anyhow::Result<Self> {
         let metrics = Metrics::new("gateway");
         let gateway = Arc::new(Gateway::new(config, &metrics)?);
-        let listener = BoundListener::bind(config.listen).await?;
+        let listener = BoundListener::bind(config.listen)
+            .await?
+            .with_limits(config.connections);
         Ok(Application {
             listener,
             gateway,

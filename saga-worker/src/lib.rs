@@ -252,6 +252,9 @@ fn engine(
     } = tuning;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
+        // Below the services' keep-alive time (`front::KEEP_ALIVE_TIMEOUT`, 75 s): the client
+        // drops an idle connection before the server closes it under a request.
+        .pool_idle_timeout(Duration::from_secs(60))
         .build()?;
     let wallet = WalletClient::new(http.clone(), wallet_url);
     Ok(Engine {

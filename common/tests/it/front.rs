@@ -1,11 +1,14 @@
 //! The HTTP front: the hot route ahead of the framework, the framework behind it, on the
-//! shared runtime and on event-loop threads, and a clean stop.
+//! shared runtime and on event-loop threads, a clean stop, and the times and the bound that
+//! keep a connection from being held for free.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use poem::http::StatusCode;
 use poem::{Route, get, handler, post};
-use redpacket_common::front::{self, Head, HotRoute, Loops, Reply};
+use redpacket_common::front::{self, ConnectionLimits, Head, HotRoute, Loops, Reply};
 use redpacket_common::http::BoundListener;
 use redpacket_common::telemetry::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,9 +146,21 @@ async fn start() -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
+    start_with(ConnectionLimits::default()).await
+}
+
+/// [`start`] with these times and this bound on connections.
+async fn start_with(
+    limits: ConnectionLimits,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let listener = BoundListener::bind("127.0.0.1:0".parse().unwrap())
         .await
-        .unwrap();
+        .unwrap()
+        .with_limits(limits);
     let addr = listener.local_addr().to_string();
     let routes = Route::new()
         .at("/hot/:x", post(framework))
@@ -377,5 +392,226 @@ async fn anything_else_hands_the_connection_to_hyper_with_the_bytes_already_read
     // A connection hyper drives also closes on stop.
     let _ = stop.send(());
     assert!(closed(&mut stream).await);
+    stops_promptly(server).await;
+}
+
+/// Times short enough for tests: a head is due in 500 ms, a keep-alive connection waits 1.5 s.
+const SHORT: ConnectionLimits = ConnectionLimits {
+    head_timeout: Duration::from_millis(500),
+    keep_alive_timeout: Duration::from_millis(1500),
+    max_connections: 1_000,
+};
+
+/// Whether the server keeps the connection open, sending nothing, for `time`.
+async fn open_for(stream: &mut TcpStream, time: Duration) -> bool {
+    let mut chunk = [0u8; 64];
+    match tokio::time::timeout(time, stream.read(&mut chunk)).await {
+        Err(_elapsed) => true,
+        Ok(Ok(0) | Err(_)) => false,
+        Ok(Ok(read)) => panic!("unexpected bytes: {:?}", &chunk[..read]),
+    }
+}
+
+/// How long after `since` the server closed the connection; it must within 5 s.
+async fn closed_after(stream: &mut TcpStream, since: Instant) -> Duration {
+    assert!(closed(stream).await, "the server closes the connection");
+    since.elapsed()
+}
+
+#[tokio::test]
+async fn a_head_not_whole_by_its_deadline_is_cut_from_the_accept() {
+    let (addr, stop, server) = start_with(SHORT).await;
+    let opened = Instant::now();
+    let mut half = TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"POST /hot/a HT").await.unwrap();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        open_for(&mut half, Duration::from_millis(300)).await,
+        "not cut before its deadline"
+    );
+    let cut = closed_after(&mut half, opened).await;
+    assert!(
+        (Duration::from_millis(500)..Duration::from_secs(3)).contains(&cut),
+        "half a request line is cut at the head deadline: {cut:?}"
+    );
+    let cut = closed_after(&mut silent, opened).await;
+    assert!(
+        (Duration::from_millis(500)..Duration::from_secs(3)).contains(&cut),
+        "a connection that sends nothing is cut at the head deadline too: {cut:?}"
+    );
+    let _ = stop.send(());
+    stops_promptly(server).await;
+}
+
+/// Sends `head` one byte every 50 ms until the server closes the connection; answers how long
+/// that took and how many bytes went out meanwhile.
+async fn dribble(stream: TcpStream, head: &'static [u8]) -> (Duration, usize) {
+    let (mut reader, mut writer) = stream.into_split();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = sent.clone();
+    let writing = tokio::spawn(async move {
+        for byte in head {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut chunk = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&mut chunk)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the server closes a dribbling connection within 5 s: {read:?}"
+    );
+    writing.abort();
+    (took, sent.load(Ordering::Relaxed))
+}
+
+/// A head of 200 bytes: 10 s at one byte every 50 ms.
+const DRIBBLED: &[u8] = b"POST /hot/slow HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+
+#[tokio::test]
+async fn a_head_dribbled_a_byte_at_a_time_is_cut_at_the_deadline_of_the_whole_head() {
+    let (addr, stop, server) = start_with(SHORT).await;
+    // On the front's own loop, after a hot answer (a keep-alive connection), and on a
+    // connection hyper drives, after a framework answer.
+    let mut in_front = TcpStream::connect(&addr).await.unwrap();
+    in_front
+        .write_all(b"POST /hot/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut in_front, &mut Vec::new()).await.status,
+        200
+    );
+    let mut in_hyper = TcpStream::connect(&addr).await.unwrap();
+    in_hyper
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut in_hyper, &mut Vec::new()).await.body,
+        "framework"
+    );
+    let (front, hyper) = tokio::join!(dribble(in_front, DRIBBLED), dribble(in_hyper, DRIBBLED));
+    for (driver, (took, sent)) in [("front", front), ("hyper", hyper)] {
+        // A deadline moved by every byte would never come: the bytes kept coming.
+        assert!(
+            (Duration::from_millis(450)..Duration::from_millis(2_000)).contains(&took),
+            "{driver}: cut {took:?} after its first byte"
+        );
+        assert!(
+            sent >= 8,
+            "{driver}: still dribbling when cut ({sent} bytes)"
+        );
+        assert!(
+            sent < DRIBBLED.len(),
+            "{driver}: cut before the head was whole"
+        );
+    }
+    let _ = stop.send(());
+    stops_promptly(server).await;
+}
+
+/// Waits out more than a head's time on an idle keep-alive connection, is answered again, then
+/// is cut after the keep-alive time; answers when, after the last answer.
+async fn keep_alive(addr: &str, request: &[u8]) -> Duration {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(request).await.unwrap();
+    assert_eq!(read_answer(&mut stream, &mut buffer).await.status, 200);
+    assert!(
+        open_for(&mut stream, Duration::from_millis(1_000)).await,
+        "an idle keep-alive connection waits longer than a head's time"
+    );
+    stream.write_all(request).await.unwrap();
+    assert_eq!(read_answer(&mut stream, &mut buffer).await.status, 200);
+    let answered = Instant::now();
+    closed_after(&mut stream, answered).await
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time_on_either_driver() {
+    let (addr, stop, server) = start_with(SHORT).await;
+    let (front, hyper) = tokio::join!(
+        keep_alive(&addr, b"POST /hot/a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        keep_alive(&addr, b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    for (driver, idle) in [("front", front), ("hyper", hyper)] {
+        assert!(
+            (Duration::from_millis(1_450)..Duration::from_millis(3_500)).contains(&idle),
+            "{driver}: closed {idle:?} after its last answer"
+        );
+    }
+    let _ = stop.send(());
+    stops_promptly(server).await;
+}
+
+#[tokio::test]
+async fn beyond_the_bound_a_connection_is_refused_at_once_and_service_resumes_when_slots_free() {
+    const BOUND: usize = 50;
+    let (addr, stop, server) = start_with(ConnectionLimits {
+        head_timeout: Duration::from_millis(1_500),
+        keep_alive_timeout: Duration::from_millis(1_500),
+        max_connections: BOUND,
+    })
+    .await;
+    let opened = Instant::now();
+    let mut held = Vec::with_capacity(BOUND);
+    for _ in 0..BOUND {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(b"POST /hot/a HT").await.unwrap();
+        held.push(stream);
+    }
+    // Sending a request or nothing, a connection over the bound is answered 503 and closed.
+    for request in [
+        &b"POST /hot/a HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"",
+        b"GET /plain",
+    ] {
+        let asked = Instant::now();
+        let mut refused = TcpStream::connect(&addr).await.unwrap();
+        // The server may have closed already: what matters is what it answered.
+        let _ = refused.write_all(request).await;
+        let answer = read_answer(&mut refused, &mut Vec::new()).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.header("retry-after"), Some("1"));
+        assert_eq!(answer.header("connection"), Some("close"));
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_eq!(answer.json()["code"], "overloaded");
+        assert!(closed(&mut refused).await, "closed after the refusal");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "refused at once: {:?}",
+            asked.elapsed()
+        );
+    }
+    assert!(
+        opened.elapsed() < Duration::from_millis(1_500),
+        "the refusals came while the bound was full"
+    );
+    for stream in &mut held {
+        assert!(
+            closed(stream).await,
+            "a held connection is cut at its deadline"
+        );
+    }
+    let mut fresh = TcpStream::connect(&addr).await.unwrap();
+    fresh
+        .write_all(b"POST /hot/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut fresh, &mut Vec::new()).await.status,
+        200,
+        "served again once the slots are free"
+    );
+    let _ = stop.send(());
     stops_promptly(server).await;
 }

@@ -2,6 +2,7 @@
 //! RabbitMQ, or a fake upstream a test controls.
 
 mod auth;
+mod connections;
 mod flow;
 mod idempotency;
 mod resilience;

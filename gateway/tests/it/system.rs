@@ -49,6 +49,7 @@ pub fn gateway_config(campaign: &str, wallet: &str, saga: &str) -> GatewayConfig
         },
         breaker: BreakerConfig::default(),
         loops: redpacket_common::front::Loops::Threads(2),
+        connections: redpacket_common::front::ConnectionLimits::default(),
         timeouts: redpacket_gateway::Timeouts {
             grab: Duration::from_secs(2),
             read: Duration::from_secs(5),
