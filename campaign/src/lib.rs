@@ -96,7 +96,7 @@ struct Ready {
 }
 
 impl Readiness for Ready {
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
         Box::pin(async move {
             self.db
                 .ping()
@@ -105,6 +105,7 @@ impl Readiness for Ready {
             self.pool
                 .ping()
                 .await
+                .map(|detail| format!("packet pool: {detail}"))
                 .map_err(|err| format!("packet pool: {err}"))
         })
     }

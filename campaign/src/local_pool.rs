@@ -430,8 +430,8 @@ impl PacketPool for LocalPool {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), PoolError> {
+    async fn ping(&self) -> Result<String, PoolError> {
         self.db.execute_unprepared("SELECT 1").await?;
-        Ok(())
+        Ok("local (SQLite)".to_owned())
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
+use redpacket_common::redis_settings::Durability;
 
 /// Packets pushed per command when loading a pool.
 const LOAD_CHUNK: usize = 10_000;
@@ -100,6 +101,9 @@ pub enum PoolError {
     Protocol(String),
     #[error("local pool: {0}")]
     Local(String),
+    /// Redis is set to lose what the pool keeps (see `redpacket_common::redis_settings`).
+    #[error("{0}")]
+    Settings(String),
 }
 
 /// Where live packets are kept and grabbed. The campaign service does not know which
@@ -159,7 +163,8 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
     async fn purge(&self, campaign: &PoolCampaign) -> Result<(), PoolError>;
 
     /// Whether the store answers.
-    async fn ping(&self) -> Result<(), PoolError>;
+    /// Whether the pool answers, and what an operator should know about its store.
+    async fn ping(&self) -> Result<String, PoolError>;
 }
 
 /// FNV-1a: a stable hash for a user's home bucket (the same in every process and version).
@@ -301,6 +306,10 @@ impl RedisPool {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, PoolError> {
         let client = redis::Client::open(url)?;
         let connection = client.get_connection_manager().await?;
+        // A Redis that evicts keys would drop claims and answered grabs without a word.
+        Durability::check(&mut connection.clone())
+            .await
+            .map_err(PoolError::Settings)?;
         Ok(RedisPool {
             connection,
             prefix: prefix.into(),
@@ -645,11 +654,10 @@ impl PacketPool for RedisPool {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), PoolError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.connection.clone())
-            .await?;
-        Ok(())
+    async fn ping(&self) -> Result<String, PoolError> {
+        Durability::check(&mut self.connection.clone())
+            .await
+            .map_err(PoolError::Settings)
     }
 }
 

@@ -198,8 +198,9 @@ pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
 
 /// A dependency whose health decides readiness.
 pub trait Readiness: Send + Sync + 'static {
-    /// `Ok` when every dependency answers; otherwise which one does not.
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// `Ok` when every dependency answers, with what an operator should know about them (the
+    /// readiness answer's `detail`, left out when empty); otherwise which one does not.
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
 }
 
 /// Adds to a service's routes what every service has: `/metrics`, `/health/*`, request ids,
@@ -227,7 +228,13 @@ pub fn service_endpoint(
                 let readiness = readiness.clone();
                 async move {
                     match readiness.check().await {
-                        Ok(()) => Ok(Json(serde_json::json!({"status": "ready"})).into_response()),
+                        Ok(detail) if detail.is_empty() => {
+                            Ok(Json(serde_json::json!({"status": "ready"})).into_response())
+                        }
+                        Ok(detail) => Ok(Json(
+                            serde_json::json!({"status": "ready", "detail": detail}),
+                        )
+                        .into_response()),
                         Err(reason) => Err(Problem::unavailable("not_ready", reason)),
                     }
                 }

@@ -13,6 +13,7 @@ pub mod local_queue;
 pub mod messages;
 pub mod money;
 pub mod problem;
+pub mod redis_settings;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

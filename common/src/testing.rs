@@ -184,3 +184,81 @@ mod tests {
         );
     }
 }
+
+/// A `redis-server` of a test's own, on a free loopback port, for tests that flush, restart
+/// or reconfigure Redis without touching the shared one. Stopped (killed) on drop.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    /// Starts one with `args` added to a persistence-free default (`--save ""`).
+    pub async fn start(args: &[&str]) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .expect("a free port");
+        let dir = std::env::temp_dir()
+            .join("redpacket-tests")
+            .join(format!("redis-{port}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a directory for the private Redis");
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let redis = PrivateRedis {
+            port,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if let Ok(client) = redis::Client::open(redis.url())
+                && let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return redis;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the private redis-server on port {port} did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A command against it, for a test to change its settings or its data.
+    pub async fn run(&self, command: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut cmd = redis::cmd(command[0]);
+        for arg in &command[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut connection).await.unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -290,7 +290,7 @@ struct Ready {
 }
 
 impl Readiness for Ready {
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
         Box::pin(async move {
             let open: Vec<&str> = self
                 .gateway
@@ -299,7 +299,7 @@ impl Readiness for Ready {
                 .map(|upstream| upstream.name())
                 .collect();
             if open.is_empty() {
-                Ok(())
+                Ok(String::new())
             } else {
                 Err(format!("circuit open for: {}", open.join(", ")))
             }

@@ -30,6 +30,7 @@ use poem_openapi::OpenApiService;
 use redpacket_common::http::{BoundListener, Readiness, service_endpoint};
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::lease::LeaseManager;
+use redpacket_common::redis_settings::Durability;
 use redpacket_common::telemetry::Metrics;
 use redpacket_common::{ConfigError, ConfigSource, Secret};
 use tokio_util::sync::CancellationToken;
@@ -171,20 +172,19 @@ struct Ready {
 }
 
 impl Readiness for Ready {
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
         Box::pin(async move {
             self.store
                 .db()
                 .ping()
                 .await
                 .map_err(|err| format!("database: {err}"))?;
-            if let Some(redis) = &self.redis {
-                let _: String = redis::cmd("PING")
-                    .query_async(&mut redis.clone())
+            match &self.redis {
+                Some(redis) => Durability::check(&mut redis.clone())
                     .await
-                    .map_err(|err| format!("redis: {err}"))?;
+                    .map(|detail| format!("redis: {detail}")),
+                None => Ok(String::new()),
             }
-            Ok(())
         })
     }
 }
@@ -283,6 +283,10 @@ impl Application {
             .get_connection_manager()
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect to RP_REDIS_URL: {err}"))?;
+        // Leases and the hand-off streams must not be evicted.
+        Durability::check(&mut redis.clone())
+            .await
+            .map_err(|reason| anyhow::anyhow!("RP_REDIS_URL: {reason}"))?;
         let broker = Broker::connect(
             config.amqp_url.expose(),
             &config.amqp_prefix,

@@ -36,6 +36,8 @@ const LEASE_TTL: Duration = Duration::from_secs(5);
 const BLOCK: Duration = Duration::from_millis(100);
 /// How often the relay looks for new streams.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+/// The pause after a failed relay round before the next.
+const ROUND_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Turns a hand-off entry into a saga message.
 fn envelope_of(fields: &HashMap<String, Value>) -> Option<Envelope> {
@@ -99,14 +101,7 @@ pub async fn relay_handoff(
                     .try_acquire(&format!("{lease_prefix}:relay:{stream}"), LEASE_TTL)
                     .await
                 {
-                    let _: Result<(), _> = redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(&stream)
-                        .arg(GROUP)
-                        .arg("0")
-                        .arg("MKSTREAM")
-                        .query_async(&mut redis.clone())
-                        .await;
+                    create_group(&mut redis.clone(), &stream).await;
                     held.insert(stream, lease);
                 }
             }
@@ -128,15 +123,33 @@ pub async fn relay_handoff(
         .await
         {
             tracing::warn!(error = %err, "relay round failed; retrying");
+            // Waits for the broker if it is the one failing, and in any case a moment, so
+            // that a failing Redis is not asked again in a tight loop.
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = broker.reconnect() => {}
+                () = async {
+                    broker.reconnect().await;
+                    tokio::time::sleep(ROUND_RETRY_DELAY).await;
+                } => {}
             }
         }
     }
     for (_, lease) in held {
         let _ = lease.release().await;
     }
+}
+
+/// The consumer group of a hand-off stream, made with the stream if that is missing; an
+/// existing group is left as it is.
+async fn create_group(connection: &mut ConnectionManager, stream: &str) {
+    let _: Result<(), _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(connection)
+        .await;
 }
 
 async fn relay_round(
@@ -150,7 +163,7 @@ async fn relay_round(
     let mut entries: Vec<(String, String, HashMap<String, Value>)> = Vec::new();
     // Entries a dead relay left pending.
     for stream in streams {
-        let claimed: Value = redis::cmd("XAUTOCLAIM")
+        let claimed: Value = match redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(GROUP)
             .arg(consumer)
@@ -159,7 +172,22 @@ async fn relay_round(
             .arg("COUNT")
             .arg(BATCH)
             .query_async(&mut connection)
-            .await?;
+            .await
+        {
+            Ok(claimed) => claimed,
+            // The stream (or its group) is gone from Redis, with whatever it held: make it
+            // again, empty, so that the other streams' round goes on (one missing stream
+            // must not stall every campaign's hand-off).
+            Err(err) if err.code() == Some("NOGROUP") => {
+                tracing::error!(
+                    stream,
+                    "a hand-off stream is missing from Redis; recreating it empty"
+                );
+                create_group(&mut connection, stream).await;
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
         if let Value::Array(parts) = claimed
             && let Some(Value::Array(items)) = parts.get(1)
         {

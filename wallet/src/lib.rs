@@ -54,11 +54,12 @@ pub const BODY_LIMIT_BYTES: usize = 8 * 1024 * 1024;
 struct DatabaseReady(DatabaseConnection);
 
 impl Readiness for DatabaseReady {
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
         Box::pin(async move {
             self.0
                 .ping()
                 .await
+                .map(|()| String::new())
                 .map_err(|err| format!("database: {err}"))
         })
     }

@@ -94,6 +94,11 @@ pub async fn spawn_app(setup: Setup) -> TestApp {
 }
 
 pub async fn spawn_app_with_buckets(setup: Setup, buckets: u32) -> TestApp {
+    spawn_app_on(setup, buckets, &redis_url()).await
+}
+
+/// A campaign service whose pool lives in the Redis at `redis`.
+pub async fn spawn_app_on(setup: Setup, buckets: u32, redis: &str) -> TestApp {
     redpacket_common::telemetry::install_crypto_provider();
     let database = TestDatabase::create(setup.backend).await;
     let db = redpacket_common::db::connect(&database.url, 8)
@@ -101,7 +106,7 @@ pub async fn spawn_app_with_buckets(setup: Setup, buckets: u32) -> TestApp {
         .unwrap();
     Migrator::up(&db, None).await.unwrap();
     let prefix = format!("rpt:{}", uuid::Uuid::new_v4().simple());
-    let pool = RedisPool::connect(&redis_url(), &prefix)
+    let pool = RedisPool::connect(redis, &prefix)
         .await
         .expect("the Redis test server must be running");
     let worker = rand::random::<u32>() % 1024;

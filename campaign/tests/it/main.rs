@@ -6,3 +6,4 @@ mod create;
 mod exact_ids;
 mod grab;
 mod helpers;
+mod redis_settings;

@@ -6,6 +6,7 @@ mod exact_ids;
 mod faults;
 mod helpers;
 mod outage;
+mod redis_loss;
 mod refusals;
 mod sagas;
 mod waits;
