@@ -5,3 +5,4 @@ mod claims;
 mod create;
 mod grab;
 mod helpers;
+mod overload;

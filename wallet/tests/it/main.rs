@@ -4,3 +4,4 @@ mod api;
 mod bad_input;
 mod concurrency;
 mod helpers;
+mod overload;
