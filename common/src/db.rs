@@ -166,8 +166,8 @@ pub async fn connect(
 /// errors.
 ///
 /// A statement waits at most [`ACQUIRE_TIMEOUT`] ([`SQLITE_ACQUIRE_TIMEOUT`] on SQLite) for a
-/// connection. The first connection is retried for [`CONNECT_WAIT`] while the failure is
-/// transient, so a service may start while its database is still coming up.
+/// connection. The first connection to a server is retried for [`CONNECT_WAIT`] while the
+/// failure is transient, so a service may start while its database is still coming up.
 pub async fn connect_with(
     url: &str,
     max_connections: u32,
@@ -191,7 +191,12 @@ pub async fn connect_with(
     let db = loop {
         match Database::connect(options.clone()).await {
             Ok(db) => break db,
-            Err(err) if classify(&err).is_transient() && started.elapsed() < CONNECT_WAIT => {
+            // A file that cannot be opened does not improve by waiting: no server to wait for.
+            Err(err)
+                if !is_sqlite
+                    && classify(&err).is_transient()
+                    && started.elapsed() < CONNECT_WAIT =>
+            {
                 tracing::info!(error = %err, "the database does not accept connections yet");
                 tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
             }
