@@ -15,7 +15,7 @@ use crate::entity::{campaign, claim};
 use crate::service::{
     CampaignError, CampaignService, ClaimView, CreateRequest, Stats, parse_owner_id,
 };
-use crate::store::ClaimRecord;
+use crate::store::{ClaimRecord, StoreError};
 
 /// Items per page unless `limit` says otherwise.
 const DEFAULT_PAGE_LIMIT: u64 = 50;
@@ -75,6 +75,9 @@ impl From<CampaignError> for Problem {
             CampaignError::PoolUnavailable(source) => {
                 tracing::error!(error = %source, "packet pool failure");
                 Problem::unavailable("pool_unavailable", detail)
+            }
+            CampaignError::Store(StoreError::Db(source)) => {
+                Problem::from_db(&source, "the campaign database")
             }
             CampaignError::Store(source) => {
                 tracing::error!(error = %source, "campaign database failure");

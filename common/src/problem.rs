@@ -122,6 +122,37 @@ impl Problem {
         .with_retry_after(1)
     }
 
+    /// The answer to a request the database could not serve, by [`crate::db::classify`]:
+    /// busy (every pooled connection taken, or the server refusing more work for now) is 503
+    /// `overloaded`, unreachable is 503 `database_unavailable`, both with `Retry-After`
+    /// ([`crate::db::RETRY_AFTER_S`]); anything else is a bug, 500 `internal`. The cause is
+    /// logged here, once, naming `what` failed (`"the campaign database"`); it is never sent.
+    pub fn from_db(err: &sea_orm::DbErr, what: &'static str) -> Self {
+        use crate::db::{Failure, RETRY_AFTER_S, classify};
+        match classify(err) {
+            Failure::Busy => {
+                tracing::warn!(error = %err, "{what} is busy; answering 503");
+                Problem::unavailable(
+                    "overloaded",
+                    format!("{what} is busy; retry after {RETRY_AFTER_S} s"),
+                )
+                .with_retry_after(RETRY_AFTER_S)
+            }
+            Failure::Unavailable => {
+                tracing::warn!(error = %err, "{what} is unavailable; answering 503");
+                Problem::unavailable(
+                    "database_unavailable",
+                    format!("{what} cannot be reached; retry after {RETRY_AFTER_S} s"),
+                )
+                .with_retry_after(RETRY_AFTER_S)
+            }
+            Failure::Fault => {
+                tracing::error!(error = %err, "{what} failed");
+                Problem::internal()
+            }
+        }
+    }
+
     /// 500. The detail stays generic: the cause is logged where it happened, never sent.
     pub fn internal() -> Self {
         Problem::new(

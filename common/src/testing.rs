@@ -131,6 +131,46 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Waits until a statement of another session on `observer`'s database has been waiting for a
+/// while (PostgreSQL: for a lock; MariaDB: running for more than 200 ms), the sign that a
+/// request of the service under test holds one of its pooled connections while it waits for a
+/// lock the test holds. Panics after `timeout`.
+pub async fn wait_for_a_waiting_statement(
+    observer: &sea_orm::DatabaseConnection,
+    timeout: std::time::Duration,
+) {
+    let backend = observer.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'"
+        }
+        // InnoDB's own view lists a waiting transaction only once it holds a lock of its own;
+        // the process list shows every statement with how long it has run.
+        _ => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
+             AND ID <> CONNECTION_ID() AND COMMAND <> 'Sleep' AND TIME_MS > 200"
+        }
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let row = observer
+            .query_one_raw(sea_orm::Statement::from_string(backend, sql))
+            .await
+            .unwrap()
+            .unwrap();
+        let waiting: i64 = row.try_get_by_index(0).unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "no statement waited within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Asserts a problem+json answer: status, content type, `code` and `field`; returns the body.
 pub async fn assert_problem(
     response: reqwest::Response,

@@ -241,7 +241,9 @@ at fault). The codes:
 `currency_mismatch`, `insufficient_funds`, `invalid_account`, `unreadable_message` |
 | 429 | `rate_limited` (with the `limit`: `global`, `per-user` or `per-campaign`) |
 | 500 | `internal` |
-| 503 | `upstream_unavailable`, `overloaded`, `pool_unavailable`, `broker_unavailable` |
+| 503 | `upstream_unavailable`, `overloaded` (the gateway's bound on requests in flight, or a \
+service whose database connections are all taken), `database_unavailable`, `pool_unavailable`, \
+`broker_unavailable` |
 | 504 | `upstream_timeout` |
 
 429 and 503 carry `Retry-After`. Every response carries `X-Request-Id` (the client's, when it \

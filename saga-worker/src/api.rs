@@ -20,8 +20,7 @@ enum ApiTags {
 }
 
 fn store_failure(err: sea_orm::DbErr) -> Problem {
-    tracing::error!(error = %err, "saga store failure");
-    Problem::internal()
+    Problem::from_db(&err, "the saga database")
 }
 
 /// A saga's state.

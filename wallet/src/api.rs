@@ -109,6 +109,9 @@ impl From<WalletError> for Problem {
             WalletError::Ledger(LedgerError::BatchTooLarge(_)) => {
                 Problem::unprocessable("invalid_batch_size", detail).with_field("transfers")
             }
+            WalletError::Ledger(LedgerError::Db(err)) => {
+                Problem::from_db(&err, "the ledger database")
+            }
             WalletError::Ledger(err) => {
                 tracing::error!(error = %err, "ledger failure");
                 Problem::internal()

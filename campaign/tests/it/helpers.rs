@@ -2,7 +2,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redpacket_campaign::{Application, CampaignService, LocalPool, PacketPool, RedisPool, Store};
+use redpacket_campaign::{
+    Application, CampaignConfig, CampaignService, LocalPool, PacketPool, RedisPool, Store,
+};
+use redpacket_common::Secret;
 use redpacket_common::ids::SnowflakeGenerator;
 use redpacket_common::messages::{Envelope, SagaEvent};
 use redpacket_common::testing::{Backend, TestDatabase, redis_url};
@@ -141,6 +144,52 @@ pub async fn spawn_app_on(setup: Setup, buckets: u32, redis: &str) -> TestApp {
     }
 }
 
+/// A campaign service built as its binary builds it, from its configuration (its own pool of
+/// `db_max_connections`, its own Redis connection), over a fresh migrated database.
+pub async fn spawn_configured_app(backend: Backend, db_max_connections: u32) -> TestApp {
+    redpacket_common::telemetry::install_crypto_provider();
+    let database = TestDatabase::create(backend).await;
+    let migrator = redpacket_common::db::connect(&database.url, 1)
+        .await
+        .unwrap();
+    Migrator::up(&migrator, None).await.unwrap();
+    migrator.close().await.unwrap();
+    let prefix = format!("rpt:{}", uuid::Uuid::new_v4().simple());
+    let config = CampaignConfig {
+        database_url: Secret::new(database.url.clone()),
+        redis_url: Secret::new(redis_url()),
+        worker_id: rand::random::<u32>() % 1024,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis_prefix: prefix.clone(),
+        buckets: 4,
+        db_max_connections,
+    };
+    let app = Application::build(&config).await.unwrap();
+    let service = app.service().clone();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let pool = RedisPool::connect(&redis_url(), &prefix)
+        .await
+        .expect("the Redis test server must be running");
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        service,
+        setup: Setup {
+            backend,
+            pool: PoolKind::Redis,
+        },
+        pool,
+        prefix,
+        database,
+        stop,
+        server,
+    }
+}
+
 /// A campaign body starting now and lasting a minute.
 pub fn campaign_body(total: i64, packets: i64, limit: i64) -> Value {
     json!({
@@ -158,6 +207,11 @@ pub fn campaign_body(total: i64, packets: i64, limit: i64) -> Value {
 }
 
 impl TestApp {
+    /// The URL of the app's own database, for a test that needs a connection of its own.
+    pub fn database_url(&self) -> &str {
+        &self.database.url
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.address))

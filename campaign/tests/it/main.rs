@@ -6,4 +6,5 @@ mod create;
 mod exact_ids;
 mod grab;
 mod helpers;
+mod overload;
 mod redis_settings;

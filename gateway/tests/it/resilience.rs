@@ -278,6 +278,34 @@ async fn beyond_the_in_flight_bound_requests_are_shed_not_queued() {
 }
 
 #[tokio::test]
+async fn an_overloaded_upstream_is_relayed_as_503_with_its_retry_after_on_grabs_and_reads() {
+    let fake = FakeUpstream::start().await;
+    fake.set(Mode::Overloaded);
+    let gateway = gateway_over(&fake, |_| {}).await;
+    let (status, headers, problem) = grab(&gateway, "u1", "1").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("overloaded")),
+        "the grab relay: {problem}"
+    );
+    assert_eq!(headers["retry-after"], "2");
+    let (status, headers, problem) = gateway
+        .send(
+            Method::GET,
+            "/v1/me/claims",
+            Some(&token(Role::User, "u2")),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (503, Some("overloaded")),
+        "a read: {problem}"
+    );
+    assert_eq!(headers["retry-after"], "2");
+}
+
+#[tokio::test]
 async fn a_hanging_upstream_hits_the_route_timeout() {
     let fake = FakeUpstream::start().await;
     fake.set(Mode::Slow(3000));

@@ -335,6 +335,8 @@ pub enum Mode {
     Ok,
     Fail,
     Slow(u64),
+    /// 503 `overloaded` with `Retry-After: 2`, as a service whose database pool is exhausted.
+    Overloaded,
 }
 
 /// A stand-in for the campaign service whose behaviour a test switches.
@@ -363,6 +365,13 @@ impl FakeUpstream {
                                 .status(StatusCode::INTERNAL_SERVER_ERROR)
                                 .content_type("application/problem+json")
                                 .body(r#"{"code":"internal","status":500}"#);
+                        }
+                        Mode::Overloaded => {
+                            return Response::builder()
+                                .status(StatusCode::SERVICE_UNAVAILABLE)
+                                .content_type("application/problem+json")
+                                .header("retry-after", "2")
+                                .body(r#"{"code":"overloaded","status":503}"#);
                         }
                         Mode::Slow(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
                     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use redpacket_common::auth::{Role, TokenKey};
@@ -12,8 +12,88 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// How often a read of the harness is retried after a 429 or a 503.
-const PUSHBACK_RETRIES: u32 = 40;
+/// How the harness's own reads (set-up checks, the drain wait, the verification) ride out the
+/// system's pushback: a 429 (rate limited), a 503 (shed: a bound in flight, an open breaker, an
+/// exhausted database pool) or a 504 (the gateway's deadline), and a call that got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts of one read, the first included.
+    pub attempts: u32,
+    /// The longest one read may take, its waits included.
+    pub total: Duration,
+    /// The wait after the first pushback that names none (`Retry-After`), doubling after each
+    /// further one.
+    pub backoff: Duration,
+    /// The longest single wait, whatever `Retry-After` asks.
+    pub longest_wait: Duration,
+}
+
+/// The retry bound of every read of the harness: 10 attempts within 60 s, each wait what
+/// `Retry-After` asks (at most 5 s) or else 250 ms doubling. A read still pushed back then is
+/// reported as given up ([`GaveUp`]), not as a broken invariant.
+pub const READ_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 10,
+    total: Duration::from_secs(60),
+    backoff: Duration::from_millis(250),
+    longest_wait: Duration::from_secs(5),
+};
+
+/// The shortest wait between two attempts, whatever `Retry-After` says (`0` included).
+const SHORTEST_WAIT: Duration = Duration::from_millis(50);
+
+impl RetryPolicy {
+    /// Whether an answer is pushback to wait out rather than the system's word.
+    pub fn is_pushback(status: u16) -> bool {
+        matches!(status, 429 | 503 | 504)
+    }
+
+    /// The wait before the next attempt, after `failed` pushed-back attempts that took
+    /// `elapsed` in all; `None` once another attempt would pass the bound of attempts or time.
+    pub fn wait_before_next(
+        &self,
+        failed: u32,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
+        if failed >= self.attempts {
+            return None;
+        }
+        let doubling = self
+            .backoff
+            .saturating_mul(1 << failed.saturating_sub(1).min(16));
+        let wait = retry_after
+            .unwrap_or(doubling)
+            .min(self.longest_wait)
+            .max(SHORTEST_WAIT);
+        (elapsed + wait < self.total).then_some(wait)
+    }
+}
+
+/// A read the system kept pushing back on past the [`RetryPolicy`]: it was overloaded for
+/// longer than the harness waits, and nothing is known of what the read would have shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GaveUp {
+    pub what: String,
+    pub attempts: u32,
+    pub elapsed: Duration,
+    /// The last answer: status and problem code, or why there was none.
+    pub last: String,
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: gave up after {} attempts in {:.1} s, the last answered {}",
+            self.what,
+            self.attempts,
+            self.elapsed.as_secs_f64(),
+            self.last
+        )
+    }
+}
+
+impl std::error::Error for GaveUp {}
 
 /// How long the harness's tokens live: longer than any run.
 pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -217,6 +297,8 @@ pub fn problem_code(body: &[u8]) -> Option<String> {
 pub struct Api {
     pub client: reqwest::Client,
     pub base: String,
+    /// How its reads wait out pushback.
+    pub retry: RetryPolicy,
 }
 
 impl Api {
@@ -228,6 +310,7 @@ impl Api {
         Ok(Api {
             client,
             base: base.trim_end_matches('/').to_owned(),
+            retry: READ_RETRY,
         })
     }
 
@@ -253,38 +336,62 @@ impl Api {
             .with_context(|| format!("{what}: unexpected body {}", String::from_utf8_lossy(&body)))
     }
 
-    /// A GET that waits out the gateway's pushback: 429 (rate limited) and 503 (shed, breaker
-    /// open) are retried after their `Retry-After` (at most 5 s each), up to
-    /// [`PUSHBACK_RETRIES`] times. Only for the harness's own reads, never the measured load.
+    /// A GET that waits out the system's pushback under [`Api::retry`]: a 429, 503 or 504, or
+    /// no answer at all, is tried again after the answer's `Retry-After` or the policy's
+    /// backoff; past the policy's bound the read fails with [`GaveUp`]. Any other answer is
+    /// returned as it is. Only for the harness's own reads, never the measured load.
     async fn get_response(
         &self,
         token: &str,
         path: &str,
         cursor: Option<&str>,
     ) -> anyhow::Result<reqwest::Response> {
-        let mut attempt = 0;
+        let what = format!("GET {path}");
+        let started = Instant::now();
+        let mut failed = 0;
         loop {
             let mut request = self.client.get(self.url(path)).bearer_auth(token);
             if let Some(cursor) = cursor {
                 request = request.query(&[("cursor", cursor)]);
             }
-            let response = request
-                .send()
-                .await
-                .with_context(|| format!("GET {path}"))?;
-            let status = response.status().as_u16();
-            if !matches!(status, 429 | 503) || attempt >= PUSHBACK_RETRIES {
-                return Ok(response);
+            let (last, retry_after) = match request.send().await {
+                Ok(response) if !RetryPolicy::is_pushback(response.status().as_u16()) => {
+                    return Ok(response);
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let body = response.bytes().await.unwrap_or_default();
+                    let code = problem_code(&body).unwrap_or_default();
+                    (
+                        format!("{status} {code}").trim_end().to_owned(),
+                        retry_after,
+                    )
+                }
+                Err(err) if err.is_builder() => return Err(err).context(what),
+                Err(err) => (format!("nothing ({err})"), None),
+            };
+            failed += 1;
+            match self
+                .retry
+                .wait_before_next(failed, started.elapsed(), retry_after)
+            {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    return Err(GaveUp {
+                        what,
+                        attempts: failed,
+                        elapsed: started.elapsed(),
+                        last,
+                    }
+                    .into());
+                }
             }
-            attempt += 1;
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .map_or(Duration::from_millis(250), Duration::from_secs)
-                .min(Duration::from_secs(5));
-            tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
         }
     }
 
@@ -441,6 +548,164 @@ mod tests {
         assert_eq!(stats.in_flight(), 3);
         stats.packets_in_flight = Some(4);
         assert_eq!(stats.in_flight(), 4);
+    }
+
+    /// A gateway stand-in that answers `script[n]` (status, `Retry-After`) to its n-th call and
+    /// 200 `{}` after the script; returns its URL and its count of calls.
+    async fn scripted(script: Vec<(u16, Option<&'static str>)>) -> (String, Arc<AtomicUsize>) {
+        use poem::{EndpointExt, Response, Route, http::StatusCode};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let app = Route::new().nest(
+            "/",
+            poem::endpoint::make(move |_request| {
+                let step = script.get(counted.fetch_add(1, Ordering::SeqCst)).copied();
+                async move {
+                    let Some((status, retry_after)) = step else {
+                        return Response::builder()
+                            .content_type("application/json")
+                            .body("{}");
+                    };
+                    let mut response = Response::builder()
+                        .status(StatusCode::from_u16(status).unwrap())
+                        .content_type("application/problem+json");
+                    if let Some(seconds) = retry_after {
+                        response = response.header("retry-after", seconds);
+                    }
+                    response.body(format!(r#"{{"code":"overloaded","status":{status}}}"#))
+                }
+            })
+            .map_to_response(),
+        );
+        let listener = redpacket_common::http::BoundListener::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr());
+        tokio::spawn(listener.serve(app, std::future::pending()));
+        (url, calls)
+    }
+
+    #[test]
+    fn a_wait_is_what_retry_after_asks_within_bounds_else_a_doubling_backoff() {
+        let policy = READ_RETRY;
+        let zero = Duration::ZERO;
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(policy.wait_before_next(1, zero, Some(s(2))), Some(s(2)));
+        assert_eq!(
+            policy.wait_before_next(1, zero, Some(s(30))),
+            Some(s(5)),
+            "at most the longest wait"
+        );
+        assert_eq!(
+            policy.wait_before_next(1, zero, Some(zero)),
+            Some(ms(50)),
+            "never a busy loop"
+        );
+        let backoff: Vec<_> = (1..=6)
+            .map(|failed| policy.wait_before_next(failed, zero, None).unwrap())
+            .collect();
+        assert_eq!(
+            backoff,
+            [ms(250), ms(500), s(1), s(2), s(4), s(5)],
+            "doubling, capped"
+        );
+        assert_eq!(
+            policy.wait_before_next(10, zero, None),
+            None,
+            "10 attempts at most"
+        );
+        assert_eq!(
+            policy.wait_before_next(3, s(59), Some(s(1))),
+            None,
+            "nor past 60 s"
+        );
+        assert!(RetryPolicy::is_pushback(429) && RetryPolicy::is_pushback(503));
+        assert!(RetryPolicy::is_pushback(504));
+        assert!(!RetryPolicy::is_pushback(500) && !RetryPolicy::is_pushback(404));
+    }
+
+    #[tokio::test]
+    async fn a_read_waits_out_two_503s_for_their_retry_after_and_gets_the_answer() {
+        let (url, calls) = scripted(vec![(503, Some("1")), (503, Some("1"))]).await;
+        let api = Api::new(&url, 1).unwrap();
+        let started = Instant::now();
+        let response = api.get_response("t", "/v1/x", None).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(response.status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+            "waited {took:?} for two Retry-After: 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_504_or_a_429_is_waited_out_too_but_a_500_is_the_systems_answer() {
+        let (url, calls) = scripted(vec![(504, None), (429, Some("0"))]).await;
+        let api = Api::new(&url, 1).unwrap();
+        let response = api.get_response("t", "/v1/x", None).await.unwrap();
+        assert_eq!(
+            (response.status().as_u16(), calls.load(Ordering::SeqCst)),
+            (200, 3)
+        );
+
+        let (url, calls) = scripted(vec![(500, None)]).await;
+        let api = Api::new(&url, 1).unwrap();
+        let response = api.get_response("t", "/v1/x", None).await.unwrap();
+        assert_eq!(
+            (response.status().as_u16(), calls.load(Ordering::SeqCst)),
+            (500, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_still_pushed_back_at_the_bound_gives_up_and_says_so() {
+        let (url, calls) = scripted(vec![(503, Some("0")); 50]).await;
+        let mut api = Api::new(&url, 1).unwrap();
+        api.retry = RetryPolicy {
+            attempts: 4,
+            ..READ_RETRY
+        };
+        let err = api.get_response("t", "/v1/x", None).await.unwrap_err();
+        let gave_up = err.downcast_ref::<GaveUp>().expect("a GaveUp");
+        assert_eq!(gave_up.attempts, 4);
+        assert_eq!(gave_up.last, "503 overloaded");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(
+            err.to_string().contains("gave up after 4 attempts"),
+            "{err}"
+        );
+
+        // The bound on time: one attempt, then a wait that would pass the total.
+        api.retry = RetryPolicy {
+            total: Duration::from_millis(500),
+            ..READ_RETRY
+        };
+        let (url, _) = scripted(vec![(503, Some("1")); 50]).await;
+        api.base = url;
+        let started = Instant::now();
+        let err = api.get_response("t", "/v1/x", None).await.unwrap_err();
+        assert_eq!(err.downcast_ref::<GaveUp>().unwrap().attempts, 1);
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_does_not_answer_is_retried_then_given_up() {
+        // A port that was just free: refused at once, every time.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let mut api = Api::new(&url, 1).unwrap();
+        api.retry = RetryPolicy {
+            attempts: 3,
+            backoff: Duration::from_millis(50),
+            ..READ_RETRY
+        };
+        let err = api.get_response("t", "/v1/x", None).await.unwrap_err();
+        let gave_up = err.downcast_ref::<GaveUp>().expect("a GaveUp");
+        assert_eq!(gave_up.attempts, 3);
+        assert!(gave_up.last.starts_with("nothing"), "{}", gave_up.last);
     }
 
     #[test]

@@ -131,8 +131,9 @@ pub struct RunArgs {
     /// Longest wait for the saga worker to credit or compensate every grab.
     #[arg(long, value_name = "TIME", default_value = "180s", value_parser = parse_duration, help_heading = "Waits")]
     pub drain_timeout: Duration,
-    /// Concurrent requests of the verification (claims of every user who grabbed).
-    #[arg(long, default_value_t = 32, help_heading = "Waits")]
+    /// Concurrent reads of the drain wait and the verification (claims of every user who
+    /// grabbed), at most 256; each read waits out 429/503/504 for at most 10 attempts / 60 s.
+    #[arg(long, default_value_t = VERIFY_CONCURRENCY, value_parser = parse_verify_concurrency, help_heading = "Waits")]
     pub verify_concurrency: usize,
 
     /// Further goose flags, after `--` (closed model), e.g. `-- --no-granular-report`.
@@ -335,6 +336,24 @@ impl Scenario {
 /// Checks a duration and keeps its text (goose parses `--run-time` itself).
 fn checked_duration(text: &str) -> Result<String, String> {
     parse_duration(text).map(|_| text.trim().to_owned())
+}
+
+/// Concurrent reads of the drain wait and the verification unless `--verify-concurrency` says
+/// otherwise: enough to read 200,000 users' claims in minutes, few enough that the harness's own
+/// reads do not exhaust the services' database pools (16 connections each by default).
+pub const VERIFY_CONCURRENCY: usize = 32;
+/// The most concurrent reads `--verify-concurrency` accepts.
+pub const MAX_VERIFY_CONCURRENCY: usize = 256;
+
+fn parse_verify_concurrency(text: &str) -> Result<usize, String> {
+    let value: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if (1..=MAX_VERIFY_CONCURRENCY).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be between 1 and {MAX_VERIFY_CONCURRENCY}"))
+    }
 }
 
 /// Parses a duration the way goose writes them: `90`, `30s`, `5m`, `1h30m`, `2h5m10s`.

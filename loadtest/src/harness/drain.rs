@@ -9,7 +9,7 @@ use futures::StreamExt;
 
 use super::api::{Api, StatsView, Tokens};
 use super::progress::Progress;
-use super::verify::{CampaignFacts, RunFacts};
+use super::verify::{CampaignFacts, RunFacts, Unread};
 use super::workload::{Ctx, LiveCampaign, Population};
 
 /// How often the stats are polled while draining.
@@ -126,20 +126,20 @@ pub async fn collect_facts(
         campaigns.iter().map(|c| c.id.clone()).collect();
     let facts: Vec<CampaignFacts> = futures::stream::iter(campaigns.iter().cloned())
         .map(|campaign| async move {
-            let stats = api.stats(tokens.reader(), &campaign.id).await.ok();
-            let claims = match api.campaign_claims(tokens.reader(), &campaign.id).await {
-                Ok(claims) => claims,
-                Err(err) => {
-                    eprintln!("claims of campaign {}: {err:#}", campaign.id);
-                    Vec::new()
-                }
-            };
+            let (stats, stats_unread) = split(api.stats(tokens.reader(), &campaign.id).await);
+            let (claims, claims_unread) =
+                split(api.campaign_claims(tokens.reader(), &campaign.id).await);
+            if let Some(unread) = &claims_unread {
+                eprintln!("claims of campaign {}: {}", campaign.id, unread.text());
+            }
             CampaignFacts {
                 granted: ctx.grabs.granted(&campaign.id),
                 id: campaign.id,
                 per_user_limit: campaign.per_user_limit,
                 stats,
-                claims,
+                stats_unread,
+                claims: claims.unwrap_or_default(),
+                claims_unread,
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -156,8 +156,8 @@ pub async fn collect_facts(
             async move {
                 let token = population_token(population, &user);
                 let claims = match token {
-                    Some(token) => api.my_claims(&token).await.ok(),
-                    None => None,
+                    Some(token) => api.my_claims(&token).await.map_err(|err| Unread::of(&err)),
+                    None => Err(Unread::Failed("not a user of this run".to_owned())),
                 };
                 (user, claims)
             }
@@ -170,7 +170,7 @@ pub async fn collect_facts(
             progress.update(&format!("claims of {done} / {total} users"));
         }
         match claims {
-            Some(claims) => {
+            Ok(claims) => {
                 let mut per_campaign: BTreeMap<String, i64> = BTreeMap::new();
                 for claim in claims {
                     if run_campaigns.contains(&claim.campaign_id) {
@@ -179,13 +179,10 @@ pub async fn collect_facts(
                 }
                 user_claims.insert(user, per_campaign);
             }
-            None => unreadable_users.push(user),
+            Err(unread) => unreadable_users.push((user, unread)),
         }
     }
-    let (reconciliation, reconciliation_error) = match api.reconciliation(tokens.operator()).await {
-        Ok(reconciliation) => (Some(reconciliation), None),
-        Err(err) => (None, Some(format!("{err:#}"))),
-    };
+    let (reconciliation, reconciliation_error) = split(api.reconciliation(tokens.operator()).await);
     progress.finish(&format!(
         "read {} campaign(s), claims of {total} users, the reconciliation",
         facts.len()
@@ -198,6 +195,14 @@ pub async fn collect_facts(
         unreadable_users,
         reconciliation,
         reconciliation_error,
+    }
+}
+
+/// A read's value, or why there is none.
+fn split<T>(read: anyhow::Result<T>) -> (Option<T>, Option<Unread>) {
+    match read {
+        Ok(value) => (Some(value), None),
+        Err(err) => (None, Some(Unread::of(&err))),
     }
 }
 

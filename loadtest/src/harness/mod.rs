@@ -41,8 +41,8 @@ use workload::{CampaignBook, Ctx, DirectClient, GrabLog, Grabbers, Mix, Op, Tran
 /// How long the open model waits for its last answers.
 const OPEN_GRACE: Duration = Duration::from_secs(30);
 
-/// Runs the scenario; `Ok(false)` when the verdict failed.
-pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+/// Runs the scenario; returns what the verdict concluded.
+pub async fn run(cli: Cli) -> anyhow::Result<verify::Outcome> {
     let scenario = &cli.scenario;
     let args = scenario.run_args();
     let name = scenario.name();
@@ -157,8 +157,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Scenario::Soak(soak) = scenario
         && let Some(limit_mib) = soak.max_rss_growth_mib
     {
-        verdict.checks.extend(rss_checks(&rss, limit_mib));
-        verdict.ok = verdict.checks.iter().all(|check| check.ok);
+        let mut checks = verdict.checks;
+        checks.extend(rss_checks(&rss, limit_mib));
+        verdict = verify::Verdict::new(checks);
     }
 
     // Plots, then the summary that lists them.
@@ -190,7 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         .with_context(|| format!("writing {}", summary_path.display()))?;
     println!("{}", report.text());
     println!("{}", verify::table(&verdict));
-    Ok(verdict.ok)
+    Ok(verdict.outcome)
 }
 
 /// The closed model: goose runs the scenario; returns what the summary says of goose and the

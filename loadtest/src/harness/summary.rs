@@ -470,6 +470,8 @@ mod tests {
                 id: "c".to_owned(),
                 per_user_limit: 1,
                 stats: None,
+                stats_unread: None,
+                claims_unread: None,
                 claims: vec![
                     claim(
                         "2026-11-26T00:00:00.000Z",

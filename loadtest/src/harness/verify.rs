@@ -10,12 +10,47 @@
 //! | claims settled once | every claim credited or compensated, no claim listed twice |
 //! | credited sums | credited claims' amounts and counts equal the stats' |
 //! | reconciliation | `GET /v1/admin/reconciliation`: `ok` and each of its checks |
+//! | reads within the retry bound | every read above answered before the harness gave up |
+//!
+//! A read the system kept pushing back on (429, 503, 504, no answer) past the harness's retry
+//! bound tells nothing of the item: the checks leave that item out and the last row lists it,
+//! so the verdict is INCOMPLETE, not FAIL, unless a check fails on what was read. Any other
+//! failed read (a 500, a refusal) fails its check.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::api::{ClaimView, Reconciliation, StatsView};
+use super::api::{ClaimView, GaveUp, Reconciliation, StatsView};
+
+/// The name of the row that lists the reads given up.
+pub const READS_CHECK: &str = "reads within the retry bound";
+
+/// Why something the verdict needs was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unread {
+    /// The system kept pushing back past the harness's retry bound
+    /// ([`super::api::READ_RETRY`]): overloaded for longer than the harness waits.
+    GaveUp(String),
+    /// Any other failure: an error status such as 500 or 403, a body the harness cannot read.
+    Failed(String),
+}
+
+impl Unread {
+    /// Sorts a failed read.
+    pub fn of(err: &anyhow::Error) -> Unread {
+        match err.downcast_ref::<GaveUp>() {
+            Some(gave_up) => Unread::GaveUp(gave_up.to_string()),
+            None => Unread::Failed(format!("{err:#}")),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Unread::GaveUp(text) | Unread::Failed(text) => text,
+        }
+    }
+}
 
 /// A grab answered 200 during the run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,9 +65,12 @@ pub struct Granted {
 pub struct CampaignFacts {
     pub id: String,
     pub per_user_limit: i64,
-    /// Stats after the drain wait; `None` when they could not be read.
+    /// Stats after the drain wait; `None` when they could not be read (`stats_unread` says why).
     pub stats: Option<StatsView>,
+    pub stats_unread: Option<Unread>,
+    /// Every claim; empty when they could not be read (`claims_unread` says why).
     pub claims: Vec<ClaimView>,
+    pub claims_unread: Option<Unread>,
     pub granted: Vec<Granted>,
 }
 
@@ -41,13 +79,13 @@ pub struct CampaignFacts {
 pub struct RunFacts {
     pub campaigns: Vec<CampaignFacts>,
     /// Claims per campaign of each user who grabbed, from `GET /v1/me/claims` (only the run's
-    /// campaigns). A user whose claims could not be read is in `unreadable_users`.
+    /// campaigns). A user whose claims could not be read is in `unreadable_users`, with why.
     pub user_claims: BTreeMap<String, BTreeMap<String, i64>>,
-    pub unreadable_users: Vec<String>,
+    pub unreadable_users: Vec<(String, Unread)>,
     /// `None` when the endpoint could not be read.
     pub reconciliation: Option<Reconciliation>,
-    /// An error reading the reconciliation, shown in the verdict.
-    pub reconciliation_error: Option<String>,
+    /// Why the reconciliation could not be read, shown in the verdict.
+    pub reconciliation_error: Option<Unread>,
 }
 
 /// One row of the verdict.
@@ -58,11 +96,45 @@ pub struct Check {
     pub detail: String,
 }
 
-/// The rows of the verdict and whether all passed.
+/// What the verdict concludes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every check passed on everything.
+    Pass,
+    /// A check failed.
+    Fail,
+    /// No check failed, but some reads gave up after the retry bound: what they would have
+    /// shown is unknown.
+    Incomplete,
+}
+
+/// The rows of the verdict, whether all passed, and the conclusion.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub ok: bool,
+    pub outcome: Outcome,
     pub checks: Vec<Check>,
+}
+
+impl Verdict {
+    pub fn new(checks: Vec<Check>) -> Self {
+        let failed: Vec<&str> = checks
+            .iter()
+            .filter(|check| !check.ok)
+            .map(|check| check.name.as_str())
+            .collect();
+        let outcome = match failed.as_slice() {
+            [] => Outcome::Pass,
+            [only] if *only == READS_CHECK => Outcome::Incomplete,
+            _ => Outcome::Fail,
+        };
+        Verdict {
+            ok: failed.is_empty(),
+            outcome,
+            checks,
+        }
+    }
 }
 
 /// At most this many offenders are named in a row's detail.
@@ -100,14 +172,17 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
     // Stats readable and drained.
     let mut offenders = Vec::new();
     for campaign in campaigns {
-        match &campaign.stats {
-            None => offenders.push(format!("{}: stats unreadable", campaign.id)),
-            Some(stats) if stats.in_flight() != 0 => offenders.push(format!(
+        match (&campaign.stats, &campaign.stats_unread) {
+            (Some(stats), _) if stats.in_flight() != 0 => offenders.push(format!(
                 "{}: {} grabs still in flight",
                 campaign.id,
                 stats.in_flight()
             )),
-            Some(_) => {}
+            (Some(_), _) | (None, Some(Unread::GaveUp(_))) => {}
+            (None, Some(Unread::Failed(why))) => {
+                offenders.push(format!("{}: stats unreadable: {why}", campaign.id));
+            }
+            (None, None) => offenders.push(format!("{}: stats unreadable", campaign.id)),
         }
     }
     checks.push(row(
@@ -179,8 +254,10 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
             }
         }
     }
-    for user in &facts.unreadable_users {
-        offenders.push(format!("{user}: GET /v1/me/claims failed"));
+    for (user, unread) in &facts.unreadable_users {
+        if let Unread::Failed(why) = unread {
+            offenders.push(format!("{user}: GET /v1/me/claims failed: {why}"));
+        }
     }
     checks.push(row(
         "per-user limit",
@@ -188,9 +265,18 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
         format!("{} users' claims read", facts.user_claims.len()),
     ));
 
-    // Every 200 is a recorded claim of the same user and amount.
+    // Every 200 is a recorded claim of the same user and amount. Campaigns whose claims were
+    // not read are left out of this row and the next two.
     let mut offenders = Vec::new();
     for campaign in campaigns {
+        match &campaign.claims_unread {
+            Some(Unread::Failed(why)) => {
+                offenders.push(format!("{}: claims unreadable: {why}", campaign.id));
+                continue;
+            }
+            Some(Unread::GaveUp(_)) => continue,
+            None => {}
+        }
         let listed: HashMap<&str, &ClaimView> = campaign
             .claims
             .iter()
@@ -228,7 +314,7 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
     // Each claim settled exactly once.
     let mut offenders = Vec::new();
     let mut settled = 0;
-    for campaign in campaigns {
+    for campaign in campaigns.iter().filter(|c| c.claims_unread.is_none()) {
         let mut seen = HashSet::new();
         for claim in &campaign.claims {
             if !seen.insert(claim.id.as_str()) {
@@ -249,7 +335,7 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
     // Credited claims add up to the stats.
     let mut offenders = Vec::new();
     let mut credited_amount = 0;
-    for campaign in campaigns {
+    for campaign in campaigns.iter().filter(|c| c.claims_unread.is_none()) {
         let Some(stats) = &campaign.stats else {
             continue;
         };
@@ -312,17 +398,39 @@ pub fn evaluate(facts: &RunFacts) -> Verdict {
                 });
             }
         }
+        (None, Some(Unread::GaveUp(_))) => {}
         (None, error) => checks.push(Check {
             name: "reconciliation ok".to_owned(),
             ok: false,
-            detail: error.clone().unwrap_or_else(|| "not read".to_owned()),
+            detail: error
+                .as_ref()
+                .map_or_else(|| "not read".to_owned(), |error| error.text().to_owned()),
         }),
     }
 
-    Verdict {
-        ok: checks.iter().all(|check| check.ok),
-        checks,
+    // The reads the system kept pushing back on: what they would have shown is unknown.
+    let mut gave_up = Vec::new();
+    for campaign in campaigns {
+        for (what, unread) in [
+            ("stats", &campaign.stats_unread),
+            ("claims", &campaign.claims_unread),
+        ] {
+            if let Some(Unread::GaveUp(why)) = unread {
+                gave_up.push(format!("{} {what}: {why}", campaign.id));
+            }
+        }
     }
+    for (user, unread) in &facts.unreadable_users {
+        if let Unread::GaveUp(why) = unread {
+            gave_up.push(format!("{user}: {why}"));
+        }
+    }
+    if let Some(Unread::GaveUp(why)) = &facts.reconciliation_error {
+        gave_up.push(why.clone());
+    }
+    checks.push(row(READS_CHECK, gave_up, "every read answered".to_owned()));
+
+    Verdict::new(checks)
 }
 
 fn distinct<'a>(ids: impl Iterator<Item = &'a String>) -> usize {
@@ -348,10 +456,13 @@ pub fn table(verdict: &Verdict) -> String {
             check.detail
         ));
     }
-    out.push_str(if verdict.ok {
-        "verdict: PASS\n"
-    } else {
-        "verdict: FAIL\n"
+    out.push_str(match verdict.outcome {
+        Outcome::Pass => "verdict: PASS\n",
+        Outcome::Fail => "verdict: FAIL\n",
+        Outcome::Incomplete => {
+            "verdict: INCOMPLETE (no check failed on what was read; the system kept pushing \
+             back on some reads past the retry bound)\n"
+        }
     });
     out
 }
@@ -401,10 +512,12 @@ mod tests {
                 id: "c1".to_owned(),
                 per_user_limit: 1,
                 stats: Some(stats),
+                stats_unread: None,
                 claims: vec![
                     claim("k1", "u1", 100, "credited"),
                     claim("k2", "u2", 200, "credited"),
                 ],
+                claims_unread: None,
                 granted: vec![granted("k1", "u1", 100), granted("k2", "u2", 200)],
             }],
             user_claims: [
@@ -439,7 +552,8 @@ mod tests {
     fn a_consistent_run_passes_every_check() {
         let verdict = evaluate(&healthy());
         assert!(verdict.ok, "{}", table(&verdict));
-        assert_eq!(verdict.checks.len(), 8);
+        assert_eq!(verdict.checks.len(), 9);
+        assert_eq!(verdict.outcome, Outcome::Pass);
         assert!(table(&verdict).ends_with("verdict: PASS\n"));
     }
 
@@ -480,7 +594,10 @@ mod tests {
         assert_eq!(failed(&evaluate(&facts)), vec!["per-user limit"]);
 
         let mut facts = healthy();
-        facts.unreadable_users.push("u9".to_owned());
+        facts.unreadable_users.push((
+            "u9".to_owned(),
+            Unread::Failed("status 500 internal".to_owned()),
+        ));
         assert_eq!(failed(&evaluate(&facts)), vec!["per-user limit"]);
     }
 
@@ -535,10 +652,65 @@ mod tests {
 
         let mut facts = healthy();
         facts.reconciliation = None;
-        facts.reconciliation_error = Some("status 403".to_owned());
+        facts.reconciliation_error = Some(Unread::Failed("status 403".to_owned()));
         let verdict = evaluate(&facts);
         assert_eq!(failed(&verdict), vec!["reconciliation ok"]);
         assert!(table(&verdict).contains("status 403"));
+    }
+
+    #[test]
+    fn reads_given_up_after_the_retry_bound_leave_the_verdict_incomplete_not_failed() {
+        let gave_up = |what: &str| {
+            Unread::GaveUp(format!(
+                "GET {what}: gave up after 10 attempts in 60.0 s, the last answered 503 overloaded"
+            ))
+        };
+        let mut facts = healthy();
+        let campaign = &mut facts.campaigns[0];
+        campaign.stats = None;
+        campaign.stats_unread = Some(gave_up("stats"));
+        campaign.claims.clear();
+        campaign.claims_unread = Some(gave_up("claims"));
+        facts.user_claims.remove("u3");
+        facts
+            .unreadable_users
+            .push(("u3".to_owned(), gave_up("/v1/me/claims")));
+        facts.reconciliation = None;
+        facts.reconciliation_error = Some(gave_up("/v1/admin/reconciliation"));
+        let verdict = evaluate(&facts);
+        assert_eq!(failed(&verdict), vec![READS_CHECK]);
+        assert_eq!(verdict.outcome, Outcome::Incomplete);
+        let reads = verdict.checks.last().unwrap();
+        assert!(
+            reads.detail.contains("c1 stats: GET stats: gave up"),
+            "{}",
+            reads.detail
+        );
+        assert!(
+            reads.detail.contains("u3: GET /v1/me/claims"),
+            "{}",
+            reads.detail
+        );
+        assert!(table(&verdict).contains("verdict: INCOMPLETE"));
+
+        // A check that fails on what was read still fails the verdict.
+        facts.campaigns[0].granted[1].user_id = "u1".to_owned();
+        let verdict = evaluate(&facts);
+        assert!(failed(&verdict).contains(&"per-user limit"));
+        assert_eq!(verdict.outcome, Outcome::Fail);
+    }
+
+    #[test]
+    fn claims_that_failed_to_read_are_one_failure_not_a_missing_claim_each() {
+        let mut facts = healthy();
+        let campaign = &mut facts.campaigns[0];
+        campaign.claims.clear();
+        campaign.claims_unread = Some(Unread::Failed("status 500 internal".to_owned()));
+        let verdict = evaluate(&facts);
+        assert_eq!(failed(&verdict), vec!["every 200 recorded"]);
+        let row = &verdict.checks[3];
+        assert_eq!(row.detail, "c1: claims unreadable: status 500 internal");
+        assert_eq!(verdict.outcome, Outcome::Fail);
     }
 
     #[test]

@@ -1,6 +1,7 @@
+use redpacket_common::Secret;
 use redpacket_common::testing::{Backend, TestDatabase};
 use redpacket_migrations::{Migrator, MigratorTrait};
-use redpacket_wallet::{Application, Ledger};
+use redpacket_wallet::{Application, Ledger, WalletConfig};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -39,11 +40,48 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     }
 }
 
+/// A wallet built as its binary builds it, from its configuration (its own pool of
+/// `db_max_connections`), over a fresh migrated database.
+pub async fn spawn_configured_app(backend: Backend, db_max_connections: u32) -> TestApp {
+    redpacket_common::telemetry::install_crypto_provider();
+    let database = TestDatabase::create(backend).await;
+    let migrator = redpacket_common::db::connect(&database.url, 1)
+        .await
+        .unwrap();
+    Migrator::up(&migrator, None).await.unwrap();
+    migrator.close().await.unwrap();
+    let config = WalletConfig {
+        database_url: Secret::new(database.url.clone()),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db_max_connections,
+    };
+    let app = Application::build(&config).await.unwrap();
+    let ledger = Ledger::new(app.db().clone());
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        ledger,
+        database,
+        stop,
+        server,
+    }
+}
+
 pub fn transfer_body(id: &str, debit: &str, credit: &str, amount: i64) -> Value {
     json!({"id": id, "debit": debit, "credit": credit, "amount": amount, "currency": "CNY"})
 }
 
 impl TestApp {
+    /// The URL of the wallet's own database, for a test that needs a connection of its own.
+    pub fn database_url(&self) -> &str {
+        &self.database.url
+    }
+
     pub async fn post_raw(&self, path: &str, body: &str) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.address))

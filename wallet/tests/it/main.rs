@@ -5,3 +5,4 @@ mod bad_input;
 mod concurrency;
 mod exact_ids;
 mod helpers;
+mod overload;
