@@ -61,6 +61,7 @@ impl From<CampaignError> for Problem {
                 Problem::new(StatusCode::GONE, "campaign_ended", "Gone", detail)
             }
             CampaignError::SoldOut => Problem::new(StatusCode::GONE, "sold_out", "Gone", detail),
+            CampaignError::PoolRebuilding => Problem::unavailable("pool_rebuilding", detail),
             CampaignError::LimitReached(claims) => {
                 let claims = claims
                     .into_iter()

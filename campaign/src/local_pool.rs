@@ -430,6 +430,15 @@ impl PacketPool for LocalPool {
         Ok(())
     }
 
+    async fn rebuild(
+        &self,
+        _campaign: &PoolCampaign,
+        _contents: &crate::store::PoolContents,
+    ) -> Result<bool, PoolError> {
+        // The local pool lives in the campaign database itself: it is never lost apart from it.
+        Ok(false)
+    }
+
     async fn ping(&self) -> Result<String, PoolError> {
         self.db.execute_unprepared("SELECT 1").await?;
         Ok("local (SQLite)".to_owned())

@@ -114,6 +114,15 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
     /// loaded; returns whether it loaded them now.
     async fn load(&self, campaign: &PoolCampaign, packets: &[i64]) -> Result<bool, PoolError>;
 
+    /// Rebuilds a pool its store lost (a Redis restarted without persistence, failed over or
+    /// flushed) from the database's view: the packets no claim holds, and every user's claims
+    /// for the per-user limit. Writes nothing and answers false when the pool is there.
+    async fn rebuild(
+        &self,
+        campaign: &PoolCampaign,
+        contents: &crate::store::PoolContents,
+    ) -> Result<bool, PoolError>;
+
     /// The atomic grab: window, state, per-user limit, pop, claim record and hand-off entry.
     async fn grab(
         &self,
@@ -322,6 +331,44 @@ impl RedisPool {
         })
     }
 
+    /// Writes a pool's meta hash unless there is one, which opens it to grabs; registers its
+    /// hand-off streams. True when it wrote it.
+    async fn write_meta(
+        &self,
+        campaign: &PoolCampaign,
+        keys: &CampaignKeys,
+        state: &str,
+        left: usize,
+        left_amount: i64,
+    ) -> Result<bool, PoolError> {
+        let mut invocation = self.load_meta_script.key(&keys.meta);
+        invocation.key(self.stream_registry_key());
+        for stream in &keys.streams {
+            invocation.key(stream);
+        }
+        invocation
+            .arg("state")
+            .arg(state)
+            .arg("starts")
+            .arg(campaign.starts_at_ms)
+            .arg("ends")
+            .arg(campaign.ends_at_ms)
+            .arg("limit")
+            .arg(campaign.per_user_limit)
+            .arg("currency")
+            .arg(&campaign.currency)
+            .arg("cid")
+            .arg(campaign.id)
+            .arg("left")
+            .arg(left)
+            .arg("left_amount")
+            .arg(left_amount);
+        let written: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(written == 1)
+    }
+
     /// The key of the set listing every hand-off stream.
     pub fn stream_registry_key(&self) -> String {
         format!("{}:handoff:streams", self.prefix)
@@ -437,30 +484,54 @@ impl PacketPool for RedisPool {
             }
         }
         let total: i64 = packets.iter().sum();
-        let mut invocation = self.load_meta_script.key(&keys.meta);
-        invocation.key(self.stream_registry_key());
-        for stream in &keys.streams {
-            invocation.key(stream);
+        self.write_meta(campaign, &keys, "scheduled", packets.len(), total)
+            .await
+    }
+
+    async fn rebuild(
+        &self,
+        campaign: &PoolCampaign,
+        contents: &crate::store::PoolContents,
+    ) -> Result<bool, PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let mut connection = self.connection.clone();
+        if connection.exists::<_, bool>(&keys.meta).await? {
+            return Ok(false);
         }
-        invocation
-            .arg("state")
-            .arg("scheduled")
-            .arg("starts")
-            .arg(campaign.starts_at_ms)
-            .arg("ends")
-            .arg(campaign.ends_at_ms)
-            .arg("limit")
-            .arg(campaign.per_user_limit)
-            .arg("currency")
-            .arg(&campaign.currency)
-            .arg("cid")
-            .arg(campaign.id)
-            .arg("left")
-            .arg(packets.len())
-            .arg("left_amount")
-            .arg(total);
-        let loaded: i64 = invocation.invoke_async(&mut connection).await?;
-        Ok(loaded == 1)
+        // Whatever is left of the lost pool is dropped: no grab touches it without the meta
+        // hash, which is written last.
+        let mut stale = keys.buckets.clone();
+        stale.extend(keys.users.iter().cloned());
+        stale.push(keys.pending.clone());
+        let _: () = connection.del(&stale).await?;
+        let bucket_count = u32::try_from(keys.buckets.len()).unwrap_or(1);
+        for run in contents.available.chunks(LOAD_TRIP) {
+            let mut pipeline = redis::pipe();
+            for &(seq, amount) in run {
+                let bucket = &keys.buckets[usize::try_from(seq % bucket_count).unwrap_or(0)];
+                pipeline.rpush(bucket, format!("{seq}:{amount}")).ignore();
+            }
+            let _: () = pipeline.query_async(&mut connection).await?;
+        }
+        for run in contents.users.chunks(LOAD_TRIP) {
+            let mut pipeline = redis::pipe();
+            for (user, claims) in run {
+                let entry: Vec<String> = claims
+                    .iter()
+                    .map(|(claim, amount)| format!("{claim}:{amount}"))
+                    .collect();
+                let home = usize::try_from(home_bucket(user, bucket_count)).unwrap_or(0);
+                pipeline
+                    .hset(&keys.users[home], user, entry.join(","))
+                    .ignore();
+            }
+            let _: () = pipeline.query_async(&mut connection).await?;
+        }
+        let left = contents.available.len();
+        let left_amount: i64 = contents.available.iter().map(|(_, amount)| amount).sum();
+        let state = if left == 0 { "exhausted" } else { "scheduled" };
+        self.write_meta(campaign, &keys, state, left, left_amount)
+            .await
     }
 
     async fn grab(

@@ -30,6 +30,12 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 const STATUS_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Cached campaigns at most; the cache is dropped whole when full.
 const MAX_CACHED_CAMPAIGNS: usize = 10_000;
+/// How long a lost pool waits, with no claim of the campaign newly recorded, before it is
+/// rebuilt from the database: the grabs it answered before it was lost reach the database
+/// through the saga first, so their packets are not handed out again.
+pub const DEFAULT_REBUILD_QUIET: Duration = Duration::from_secs(10);
+/// A rebuild claimed this long ago and not finished (its process died) is taken over.
+const REBUILD_STALE_MS: i64 = 60_000;
 
 /// Everything the campaign service can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +63,8 @@ pub enum CampaignError {
     Cancelled,
     #[error("the campaign has ended")]
     Ended,
+    #[error("the campaign's packet pool was lost and is being rebuilt; try again shortly")]
+    PoolRebuilding,
     #[error("every packet has been taken")]
     SoldOut,
     #[error("the user already holds {} claim(s), the campaign's limit", .0.len())]
@@ -237,6 +245,10 @@ pub struct CampaignService {
     buckets: u32,
     cache: Arc<RwLock<HashMap<i64, CachedCampaign>>>,
     lifecycle_wakeup: Arc<Notify>,
+    rebuild_quiet: Duration,
+    /// Lost pools waiting for their quiet period: the recorded claims last seen, and since when
+    /// (epoch ms) that count has not moved.
+    quiet_since: Arc<std::sync::Mutex<HashMap<i64, (i64, i64)>>>,
 }
 
 impl std::fmt::Debug for CampaignService {
@@ -262,7 +274,16 @@ impl CampaignService {
             buckets: buckets.max(1),
             cache: Arc::default(),
             lifecycle_wakeup: Arc::new(Notify::new()),
+            rebuild_quiet: DEFAULT_REBUILD_QUIET,
+            quiet_since: Arc::default(),
         }
+    }
+
+    /// The service with another quiet period before a lost pool is rebuilt.
+    #[must_use]
+    pub fn with_rebuild_quiet(mut self, quiet: Duration) -> Self {
+        self.rebuild_quiet = quiet;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -523,7 +544,13 @@ impl CampaignService {
                 let (_, status) = Box::pin(self.cached(id, true)).await?;
                 Err(match status.as_str() {
                     status::FUNDING => CampaignError::NotFunded,
-                    status::SCHEDULED | status::ACTIVE => CampaignError::NotStarted,
+                    status::SCHEDULED => CampaignError::NotStarted,
+                    // Active means its pool was loaded: the pool's store lost it. The
+                    // lifecycle notices and rebuilds it; until then, a fast 503.
+                    status::ACTIVE => {
+                        self.lifecycle_wakeup.notify_one();
+                        CampaignError::PoolRebuilding
+                    }
                     status::REJECTED => CampaignError::Rejected("funding failed".into()),
                     status::CANCELLED => CampaignError::Cancelled,
                     status::EXHAUSTED => CampaignError::SoldOut,
@@ -855,6 +882,9 @@ impl CampaignService {
 
     async fn advance(&self, campaign: &campaign::Model, now: i64) -> Result<(), CampaignError> {
         let pool = pool_campaign(campaign);
+        if now < campaign.ends_at_ms && self.recover_lost_pool(campaign, &pool, now).await? {
+            return Ok(());
+        }
         if campaign.pool_state != pool_state::LOADED
             && campaign.pool_state != pool_state::CLOSED
             && now >= campaign.starts_at_ms - crate::LOAD_LEAD_MS
@@ -891,10 +921,17 @@ impl CampaignService {
         };
         let exhausted = snapshot.as_ref().is_some_and(|s| s.state == "exhausted");
         if exhausted || ended_by_time {
-            let (packets_left, amount_left) = snapshot.as_ref().map_or(
-                (i64::from(campaign.packet_count), campaign.total_amount),
-                |s| (s.packets_left, s.amount_left),
-            );
+            let (packets_left, amount_left) = match &snapshot {
+                Some(snapshot) => (snapshot.packets_left, snapshot.amount_left),
+                // No pool (never loaded, or lost): what the database says no claim holds.
+                None => {
+                    let contents = self.store.pool_contents(campaign.id).await?;
+                    (
+                        i64::try_from(contents.available.len()).unwrap_or(i64::MAX),
+                        contents.available.iter().map(|(_, amount)| amount).sum(),
+                    )
+                }
+            };
             self.store
                 .finalize_remaining(campaign.id, packets_left, amount_left)
                 .await?;
@@ -946,6 +983,76 @@ impl CampaignService {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Notices a live campaign's pool that its store lost, and rebuilds it from the database
+    /// once no claim of the campaign was newly recorded for the quiet period. True when the
+    /// campaign's pool is lost (nothing else to do for it this pass).
+    async fn recover_lost_pool(
+        &self,
+        campaign: &campaign::Model,
+        pool: &PoolCampaign,
+        now: i64,
+    ) -> Result<bool, CampaignError> {
+        let live = [status::SCHEDULED, status::ACTIVE].contains(&campaign.status.as_str());
+        match campaign.pool_state.as_str() {
+            pool_state::LOADED if live => {
+                if self.pool.snapshot(campaign.id).await?.is_some() {
+                    return Ok(false);
+                }
+                if self.store.mark_pool_lost(campaign.id, now).await? {
+                    tracing::error!(
+                        campaign = campaign.id,
+                        "the campaign's packet pool is gone from its store; it will be rebuilt from the database"
+                    );
+                }
+                Ok(true)
+            }
+            pool_state::LOST | pool_state::REBUILDING if live => {
+                let recorded = self
+                    .store
+                    .stats(campaign.id)
+                    .await?
+                    .map_or(0, |stats| stats.packets_recorded);
+                let quiet_ms = i64::try_from(self.rebuild_quiet.as_millis()).unwrap_or(i64::MAX);
+                let quiet_since = {
+                    let mut watch = self.quiet_since.lock().unwrap_or_else(|p| p.into_inner());
+                    let entry = watch.entry(campaign.id).or_insert((recorded, now));
+                    if entry.0 != recorded {
+                        *entry = (recorded, now);
+                    }
+                    entry.1
+                };
+                let lost_since = campaign.pool_claimed_at_ms.unwrap_or(now);
+                if now - quiet_since < quiet_ms
+                    || now - lost_since < quiet_ms
+                    || !self
+                        .store
+                        .claim_pool_rebuild(campaign.id, now, REBUILD_STALE_MS)
+                        .await?
+                {
+                    return Ok(true);
+                }
+                let contents = self.store.pool_contents(campaign.id).await?;
+                let rebuilt = self.pool.rebuild(pool, &contents).await?;
+                self.store
+                    .set_pool_state(campaign.id, pool_state::LOADED)
+                    .await?;
+                self.quiet_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&campaign.id);
+                tracing::warn!(
+                    campaign = campaign.id,
+                    packets = contents.available.len(),
+                    users = contents.users.len(),
+                    rebuilt,
+                    "lost packet pool rebuilt from the database"
+                );
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// The claims of a user, newest first.

@@ -48,6 +48,21 @@ pub mod pool_state {
     pub const LOADING: &str = "loading";
     pub const LOADED: &str = "loaded";
     pub const CLOSED: &str = "closed";
+    /// Loaded once, then found missing from the pool's store while the campaign is live; the
+    /// time it was noticed is in `pool_claimed_at_ms`.
+    pub const LOST: &str = "lost";
+    /// Being rebuilt from the database by one process (claimed at `pool_claimed_at_ms`).
+    pub const REBUILDING: &str = "rebuilding";
+}
+
+/// What a lost pool is rebuilt from: the packets no claim holds, and each user's claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolContents {
+    /// `(seq, amount)` of every packet no live claim holds, by seq.
+    pub available: Vec<(u32, i64)>,
+    /// Each user with claims, and them as `(claim id, amount)` by id: every claim counts
+    /// towards the per-user limit, a compensated one too (as in the pool itself).
+    pub users: Vec<(String, Vec<(String, i64)>)>,
 }
 
 /// Claim states.
@@ -329,6 +344,84 @@ impl Store {
             .into_tuple::<i64>()
             .all(&self.db)
             .await?)
+    }
+
+    /// What the campaign's pool holds by the database: the packets no claim holds (one that is
+    /// pending or credited, or compensated with its packet kept out for the refund) and every
+    /// user's claims. Claims the pool granted that are not recorded yet are not known here.
+    pub async fn pool_contents(&self, id: i64) -> Result<PoolContents, StoreError> {
+        let packets = self.packets(id).await?;
+        let claims = claim::Entity::find()
+            .filter(claim::Column::CampaignId.eq(id))
+            .order_by_asc(claim::Column::Id)
+            .all(&self.db)
+            .await?;
+        let mut held = vec![false; packets.len()];
+        let mut users: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+        for claim in claims {
+            let live = claim.status != claim_status::COMPENSATED || !claim.returned_to_pool;
+            if live
+                && let Some(slot) = usize::try_from(claim.packet_seq)
+                    .ok()
+                    .and_then(|s| held.get_mut(s))
+            {
+                *slot = true;
+            }
+            users
+                .entry(claim.user_id)
+                .or_default()
+                .push((claim.id, claim.amount));
+        }
+        let available = packets
+            .iter()
+            .enumerate()
+            .filter(|(seq, _)| !held[*seq])
+            .map(|(seq, amount)| (u32::try_from(seq).unwrap_or(u32::MAX), *amount))
+            .collect();
+        Ok(PoolContents {
+            available,
+            users: users.into_iter().collect(),
+        })
+    }
+
+    /// Marks a loaded pool lost (noticed at `now_ms`); false when it was not `loaded`.
+    pub async fn mark_pool_lost(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
+        let result = campaign::Entity::update_many()
+            .col_expr(campaign::Column::PoolState, Expr::value(pool_state::LOST))
+            .col_expr(campaign::Column::PoolClaimedAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::PoolState.eq(pool_state::LOADED))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected == 1)
+    }
+
+    /// Takes the rebuild of a lost pool (or of one whose rebuilder stopped `stale_after_ms`
+    /// ago) for this process; false when another has it.
+    pub async fn claim_pool_rebuild(
+        &self,
+        id: i64,
+        now_ms: i64,
+        stale_after_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let result = campaign::Entity::update_many()
+            .col_expr(
+                campaign::Column::PoolState,
+                Expr::value(pool_state::REBUILDING),
+            )
+            .col_expr(campaign::Column::PoolClaimedAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::Status.is_in([status::SCHEDULED, status::ACTIVE]))
+            .filter(
+                campaign::Column::PoolState
+                    .eq(pool_state::LOST)
+                    .or(campaign::Column::PoolState
+                        .eq(pool_state::REBUILDING)
+                        .and(campaign::Column::PoolClaimedAtMs.lt(now_ms - stale_after_ms))),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected == 1)
     }
 
     /// Remembers what was left in the pool when the campaign ended.

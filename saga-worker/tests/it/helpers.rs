@@ -117,6 +117,8 @@ pub struct System {
     pub worker: Option<SagaProcess>,
     pub config: SagaConfig,
     redis_prefix: String,
+    /// The Redis the system runs on.
+    redis: String,
     databases: Vec<TestDatabase>,
     stops: Vec<oneshot::Sender<()>>,
 }
@@ -136,6 +138,16 @@ pub async fn spawn_system(switches: TestSwitches, credit_batch: usize) -> System
 
 /// [`spawn_system`] with the saga worker's settings adjusted first.
 pub async fn spawn_system_with(
+    switches: TestSwitches,
+    credit_batch: usize,
+    adjust: impl FnOnce(&mut SagaConfig),
+) -> System {
+    spawn_system_on(&redis_url(), switches, credit_batch, adjust).await
+}
+
+/// [`spawn_system_with`] on the Redis at `redis` (a test's private one).
+pub async fn spawn_system_on(
+    redis: &str,
     switches: TestSwitches,
     credit_batch: usize,
     adjust: impl FnOnce(&mut SagaConfig),
@@ -164,15 +176,14 @@ pub async fn spawn_system_with(
 
     let (campaign_database, campaign_db) = database().await;
     databases.push(campaign_database);
-    let pool = RedisPool::connect(&redis_url(), &redis_prefix)
-        .await
-        .unwrap();
+    let pool = RedisPool::connect(redis, &redis_prefix).await.unwrap();
     let campaigns = CampaignService::new(
         Store::new(campaign_db),
         Arc::new(pool),
         Arc::new(SnowflakeGenerator::new(rand::random::<u32>() % 512).unwrap()),
         4,
-    );
+    )
+    .with_rebuild_quiet(Duration::from_secs(2));
     let campaign = redpacket_campaign::Application::with_service(
         campaigns.clone(),
         "127.0.0.1:0".parse().unwrap(),
@@ -193,7 +204,7 @@ pub async fn spawn_system_with(
     databases.push(saga_database);
     let config = SagaConfig {
         database_url: Secret::new(saga_url),
-        redis_url: Secret::new(redis_url()),
+        redis_url: Secret::new(redis.to_owned()),
         amqp_url: Secret::new(amqp_url()),
         campaign_url: campaign_faults.url.clone(),
         wallet_url: faults.url.clone(),
@@ -227,6 +238,7 @@ pub async fn spawn_system_with(
         worker: Some(worker),
         config,
         redis_prefix,
+        redis: redis.to_owned(),
         databases,
         stops,
     }
@@ -354,7 +366,7 @@ impl System {
 
     /// Redis keys of this system that contain `part`, the hand-off registry's members included.
     pub async fn redis_keys(&self, part: &str) -> Vec<String> {
-        let mut redis = redis::Client::open(redis_url())
+        let mut redis = redis::Client::open(self.redis.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -415,7 +427,7 @@ impl System {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
-        let mut redis = redis::Client::open(redis_url())
+        let mut redis = redis::Client::open(self.redis.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
