@@ -64,6 +64,34 @@ impl Api {
     }
 
     /// The reconciliation, as the operator sees it.
+    /// Replays dead letters matching `filter` (the gateway's bulk replay body) until none is
+    /// left or `most` were taken: every outcome, oldest first.
+    pub async fn replay(&self, filter: Value, most: usize) -> anyhow::Result<Vec<Value>> {
+        let operator = self.token(Role::Operator, "replay-ops")?;
+        let mut outcomes = Vec::new();
+        loop {
+            let (status, body) = self
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/admin/dead-letters/replay",
+                    &operator,
+                    Some(filter.clone()),
+                    None,
+                )
+                .await?;
+            if status != 200 {
+                bail!("the replay answered {status}: {body}");
+            }
+            let taken = body["outcomes"].as_array().cloned().unwrap_or_default();
+            let replayed_any = taken.iter().any(|o| o["outcome"] == "replayed");
+            outcomes.extend(taken);
+            // A page with nothing newly replayed would come back the same: stop there.
+            if body["more"] != true || !replayed_any || outcomes.len() >= most {
+                return Ok(outcomes);
+            }
+        }
+    }
+
     pub async fn reconciliation(&self) -> anyhow::Result<Value> {
         let operator = self.token(Role::Operator, "demo-ops")?;
         let (status, body) = self

@@ -81,6 +81,29 @@ enum Command {
         #[arg(long, default_value = ".redpacket")]
         data_dir: PathBuf,
     },
+    /// Replay dead letters through the gateway: those of a campaign, those whose reason
+    /// contains a text, or all; at most 200 a second. Prints each letter's outcome; exits
+    /// non-zero when one could not be replayed.
+    Replay {
+        /// The gateway's address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Only this campaign's sagas.
+        #[arg(long)]
+        campaign: Option<String>,
+        /// Only letters whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Every dead letter (required without --campaign or --reason).
+        #[arg(long)]
+        all: bool,
+        /// The most letters to replay.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        most: u32,
+        /// Where `redpacket dev` keeps its secret (used when RP_AUTH_SECRET is not set).
+        #[arg(long, default_value = ".redpacket")]
+        data_dir: PathBuf,
+    },
     /// Run the wallet service (double-entry ledger). Needs RP_DATABASE_URL; listens on
     /// RP_LISTEN (default 127.0.0.1:8082).
     Wallet {
@@ -214,6 +237,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if result["ok"].as_bool() != Some(true) {
                 anyhow::bail!("an invariant is broken");
+            }
+            Ok(())
+        }
+        Command::Replay {
+            gateway,
+            campaign,
+            reason,
+            all,
+            most,
+            data_dir,
+        } => {
+            if campaign.is_none() && reason.is_none() && !all {
+                anyhow::bail!(
+                    "name --campaign or --reason, or pass --all to replay every dead letter"
+                );
+            }
+            let key = signing_key(&source, &data_dir)?;
+            let most = usize::try_from(most).unwrap_or(usize::MAX);
+            let filter = serde_json::json!({
+                "campaign_id": campaign, "reason": reason, "all": all,
+                "limit": most.min(500),
+            });
+            let outcomes = demo::Api::new(&gateway, key)?.replay(filter, most).await?;
+            let mut failed = 0;
+            for outcome in &outcomes {
+                println!(
+                    "{} {} {} {}",
+                    outcome["id"].as_str().unwrap_or("?"),
+                    outcome["saga_id"].as_str().unwrap_or("?"),
+                    outcome["outcome"].as_str().unwrap_or("?"),
+                    outcome["detail"].as_str().unwrap_or("")
+                );
+                if matches!(outcome["outcome"].as_str(), Some("failed" | "unreadable")) {
+                    failed += 1;
+                }
+            }
+            println!(
+                "{} dead letters taken, {failed} not replayed",
+                outcomes.len()
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} dead letters could not be replayed");
             }
             Ok(())
         }

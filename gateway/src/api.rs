@@ -17,7 +17,7 @@ use redpacket_common::Problem;
 use redpacket_common::auth::{Claims, Role};
 use redpacket_common::front::{self, Head, HotRoute, Reply};
 use redpacket_common::http::{REQUEST_ID_HEADER, StrictJson};
-use redpacket_saga_worker::api::{DeadLetterList, SagaView};
+use redpacket_saga_worker::api::{DeadLetterList, ReplayFilter, ReplayReport, SagaView};
 use redpacket_wallet::api::EntryPageView;
 use serde::Deserialize;
 
@@ -422,6 +422,36 @@ impl PublicApi {
                 Method::POST,
                 &format!("/dead-letters/{id}/replay"),
                 None,
+                &[],
+                &caller.request_id,
+                self.gateway.timeouts.write,
+            )
+            .await?;
+        Ok(Raw::new(reply.success()?))
+    }
+
+    /// Replay dead letters in bulk (operator): those of a campaign, those whose reason contains
+    /// a text, or all; at most `limit` (500) per call, oldest first, at most 200 a second, with
+    /// each letter's outcome. Call again while `more` is true.
+    #[oai(
+        path = "/v1/admin/dead-letters/replay",
+        method = "post",
+        tag = "ApiTags::Admin"
+    )]
+    async fn replay_many(
+        &self,
+        auth: OperatorToken,
+        body: StrictJson<ReplayFilter>,
+    ) -> Result<Raw<ReplayReport>, GatewayError> {
+        let caller = auth.0;
+        let body = serde_json::to_vec(&body.0).map_err(|_| Problem::internal())?;
+        let reply = self
+            .gateway
+            .saga
+            .call(
+                Method::POST,
+                "/dead-letters/replay",
+                Some(Bytes::from(body)),
                 &[],
                 &caller.request_id,
                 self.gateway.timeouts.write,

@@ -14,6 +14,7 @@ mod m20261126_000001_wallet;
 mod m20261126_000002_campaign;
 mod m20261126_000003_saga;
 mod m20261201_000004_binary_keys;
+mod m20261201_000005_dead_letter_replays;
 
 /// Applies, reverts and reports the migrations.
 #[derive(Debug)]
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_campaign::Migration),
             Box::new(m20261126_000003_saga::Migration),
             Box::new(m20261201_000004_binary_keys::Migration),
+            Box::new(m20261201_000005_dead_letter_replays::Migration),
         ]
     }
 }

@@ -106,6 +106,73 @@ pub struct DeadLetterList {
     pub dead_letters: Vec<DeadLetterView>,
 }
 
+/// Which dead letters a bulk replay takes: those matching every filter given; `all` must be
+/// set to take every one.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayFilter {
+    /// Only the letters of this campaign's sagas (grabs, funding, refund).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<String>,
+    /// Only the letters whose reason contains this text (1-200 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Every waiting letter; required when neither filter is given.
+    #[oai(default)]
+    #[serde(default)]
+    pub all: bool,
+    /// The most letters replayed by this call (1-500, default 100); call again for more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+/// What became of one dead letter in a replay.
+#[derive(Debug, Clone, Object)]
+pub struct ReplayOutcome {
+    /// The dead letter.
+    pub id: String,
+    /// Its saga.
+    pub saga_id: String,
+    /// `replayed` (back on the work queue), `already_replayed` (an earlier replay sent it),
+    /// `unreadable` (its message is not a saga's; it stays for an operator) or `failed` (the
+    /// broker did not take it; it stays and can be replayed again).
+    pub outcome: String,
+    /// Why, for `unreadable` and `failed`.
+    #[oai(skip_serializing_if_is_none)]
+    pub detail: Option<String>,
+}
+
+/// The outcome of a bulk replay.
+#[derive(Debug, Clone, Object)]
+pub struct ReplayReport {
+    /// Each letter taken, oldest first.
+    pub outcomes: Vec<ReplayOutcome>,
+    /// Whether matching letters may remain beyond this call's limit or scan.
+    pub more: bool,
+}
+
+/// The most letters one bulk replay takes.
+pub const MAX_REPLAY_BATCH: u64 = 500;
+/// The most waiting letters one bulk replay looks at to find its matches.
+const MAX_REPLAY_SCAN: u64 = 10_000;
+/// Letters re-published per second at most by a bulk replay, so that replaying a whole
+/// outage's letters does not hit the services with all of them at once.
+pub const REPLAY_PER_SECOND: u32 = 200;
+
+/// Whether a dead letter's saga belongs to a campaign.
+fn of_campaign(letter: &dead_letter::Model, campaign_id: &str) -> bool {
+    use redpacket_common::messages::SagaEvent;
+    match Envelope::from_bytes(letter.message.as_bytes()) {
+        Ok(envelope) => match envelope.event {
+            SagaEvent::GrabClaimed { campaign_id: c, .. }
+            | SagaEvent::CampaignCreated { campaign_id: c, .. }
+            | SagaEvent::CampaignEnded { campaign_id: c, .. } => c == campaign_id,
+        },
+        Err(_) => false,
+    }
+}
+
 /// One check of the reconciliation.
 #[derive(Debug, Clone, Object)]
 pub struct CheckView {
@@ -236,7 +303,8 @@ impl SagaApi {
         }))
     }
 
-    /// Replay a dead letter: its message goes back to the work queue with fresh retries.
+    /// Replay a dead letter: its message goes back to the work queue with fresh retries. A
+    /// replay repeated answers the same: the saga as it is now, without sending it again.
     #[oai(
         path = "/dead-letters/:id/replay",
         method = "post",
@@ -256,18 +324,25 @@ impl SagaApi {
             .await
             .map_err(store_failure)?
             .ok_or_else(not_found)?;
-        let envelope = Envelope::from_bytes(letter.message.as_bytes()).map_err(|reason| {
-            Problem::unprocessable(
-                "unreadable_message",
-                format!("the dead letter cannot be replayed: {reason}"),
-            )
-        })?;
-        let envelope = envelope.restarted();
-        self.broker
-            .publish("work", &format!("replay:{letter_id}"), &envelope.to_bytes())
-            .await
-            .map_err(|err| Problem::unavailable("broker_unavailable", err.to_string()))?;
-        self.store.unbury(&letter).await.map_err(store_failure)?;
+        let outcome = self.replay_letter(&letter).await?;
+        match outcome.outcome.as_str() {
+            "unreadable" => {
+                return Err(Problem::unprocessable(
+                    "unreadable_message",
+                    format!(
+                        "the dead letter cannot be replayed: {}",
+                        outcome.detail.unwrap_or_default()
+                    ),
+                ));
+            }
+            "failed" => {
+                return Err(Problem::unavailable(
+                    "broker_unavailable",
+                    outcome.detail.unwrap_or_default(),
+                ));
+            }
+            _ => {}
+        }
         self.store
             .get(&letter.saga_id)
             .await
@@ -276,5 +351,113 @@ impl SagaApi {
             .ok_or_else(|| {
                 Problem::not_found("saga_not_found", format!("no saga `{}`", letter.saga_id))
             })
+    }
+
+    /// Replay many dead letters at once: by campaign, by reason, or all. At most `limit` per
+    /// call (500), oldest first, sent at most 200 a second; each letter's outcome is listed.
+    #[oai(
+        path = "/dead-letters/replay",
+        method = "post",
+        tag = "ApiTags::DeadLetters"
+    )]
+    async fn replay_many(&self, filter: Json<ReplayFilter>) -> Result<Json<ReplayReport>, Problem> {
+        let filter = filter.0;
+        let limit = filter.limit.unwrap_or(100);
+        if !(1..=MAX_REPLAY_BATCH).contains(&limit) {
+            return Err(Problem::unprocessable(
+                "invalid_limit",
+                format!("`limit` must be between 1 and {MAX_REPLAY_BATCH}"),
+            )
+            .with_field("limit"));
+        }
+        if let Some(reason) = &filter.reason
+            && (reason.is_empty() || reason.chars().count() > 200)
+        {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                "`reason` must have 1-200 characters",
+            )
+            .with_field("reason"));
+        }
+        if filter.campaign_id.is_none() && filter.reason.is_none() && !filter.all {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                "name a `campaign_id` or a `reason`, or set `all` to replay every dead letter",
+            )
+            .with_field("all"));
+        }
+        let matches = |letter: &dead_letter::Model| {
+            filter
+                .campaign_id
+                .as_deref()
+                .is_none_or(|campaign| of_campaign(letter, campaign))
+                && filter
+                    .reason
+                    .as_deref()
+                    .is_none_or(|reason| letter.reason.contains(reason))
+        };
+        let mut taken = Vec::new();
+        let (mut after, mut scanned, mut more) = (0_i64, 0_u64, false);
+        'scan: while scanned < MAX_REPLAY_SCAN {
+            let page = self
+                .store
+                .waiting_letters(after, 500)
+                .await
+                .map_err(store_failure)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.id;
+            scanned += page.len() as u64;
+            for letter in page {
+                if matches(&letter) {
+                    if taken.len() as u64 == limit {
+                        more = true;
+                        break 'scan;
+                    }
+                    taken.push(letter);
+                }
+            }
+        }
+        more |= scanned >= MAX_REPLAY_SCAN;
+        let pause = std::time::Duration::from_secs(1) / REPLAY_PER_SECOND;
+        let mut outcomes = Vec::with_capacity(taken.len());
+        for letter in &taken {
+            outcomes.push(self.replay_letter(letter).await?);
+            tokio::time::sleep(pause).await;
+        }
+        Ok(Json(ReplayReport { outcomes, more }))
+    }
+}
+
+impl SagaApi {
+    /// Sends one dead letter's message back to the work queue, unless an earlier replay did.
+    async fn replay_letter(&self, letter: &dead_letter::Model) -> Result<ReplayOutcome, Problem> {
+        let outcome = |outcome: &str, detail: Option<String>| ReplayOutcome {
+            id: letter.id.to_string(),
+            saga_id: letter.saga_id.clone(),
+            outcome: outcome.to_owned(),
+            detail,
+        };
+        if letter.replayed_at_ms.is_some() {
+            return Ok(outcome("already_replayed", None));
+        }
+        let envelope = match Envelope::from_bytes(letter.message.as_bytes()) {
+            Ok(envelope) => envelope.restarted(),
+            Err(reason) => return Ok(outcome("unreadable", Some(reason))),
+        };
+        if let Err(err) = self
+            .broker
+            .publish(
+                "work",
+                &format!("replay:{}", letter.id),
+                &envelope.to_bytes(),
+            )
+            .await
+        {
+            return Ok(outcome("failed", Some(err.to_string())));
+        }
+        self.store.unbury(letter).await.map_err(store_failure)?;
+        Ok(outcome("replayed", None))
     }
 }

@@ -250,6 +250,7 @@ impl SagaStore {
             message: Set(message.to_owned()),
             reason: Set(bounded(reason)),
             created_at_ms: Set(now),
+            replayed_at_ms: Set(None),
         })
         .exec_without_returning(&self.db)
         .await?;
@@ -264,9 +265,27 @@ impl SagaStore {
         Ok(())
     }
 
+    /// The dead letters waiting for an operator (not replayed), newest first.
     pub async fn dead_letters(&self, limit: u64) -> Result<Vec<dead_letter::Model>, DbErr> {
         dead_letter::Entity::find()
+            .filter(dead_letter::Column::ReplayedAtMs.is_null())
             .order_by_desc(dead_letter::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+    }
+
+    /// Dead letters waiting for an operator with an id above `after`, oldest first: the pages
+    /// a bulk replay walks.
+    pub async fn waiting_letters(
+        &self,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<dead_letter::Model>, DbErr> {
+        dead_letter::Entity::find()
+            .filter(dead_letter::Column::ReplayedAtMs.is_null())
+            .filter(dead_letter::Column::Id.gt(after))
+            .order_by_asc(dead_letter::Column::Id)
             .limit(limit)
             .all(&self.db)
             .await
@@ -276,19 +295,24 @@ impl SagaStore {
         dead_letter::Entity::find_by_id(id).one(&self.db).await
     }
 
-    /// Removes a replayed dead letter and sets its saga running again.
-    pub async fn unbury(&self, letter: &dead_letter::Model) -> Result<(), DbErr> {
-        dead_letter::Entity::delete_by_id(letter.id)
+    /// Marks a dead letter replayed (kept, so that a repeated replay answers the same) and sets
+    /// its saga running again. False when it was already replayed.
+    pub async fn unbury(&self, letter: &dead_letter::Model) -> Result<bool, DbErr> {
+        let now = now_ms();
+        let marked = dead_letter::Entity::update_many()
+            .col_expr(dead_letter::Column::ReplayedAtMs, Expr::value(now))
+            .filter(dead_letter::Column::Id.eq(letter.id))
+            .filter(dead_letter::Column::ReplayedAtMs.is_null())
             .exec(&self.db)
             .await?;
         saga::Entity::update_many()
             .col_expr(saga::Column::State, Expr::value(state::RUNNING))
-            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now))
             .filter(saga::Column::Id.eq(&letter.saga_id))
             .filter(saga::Column::State.eq(state::STUCK))
             .exec(&self.db)
             .await?;
-        Ok(())
+        Ok(marked.rows_affected == 1)
     }
 
     /// Deletes finished sagas older than `before_ms`, so saga state stays bounded, but never

@@ -10,6 +10,8 @@ pub struct Model {
     pub message: String,
     pub reason: String,
     pub created_at_ms: i64,
+    /// When an operator replayed it; `None` while it waits.
+    pub replayed_at_ms: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

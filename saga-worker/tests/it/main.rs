@@ -8,5 +8,6 @@ mod helpers;
 mod outage;
 mod redis_loss;
 mod refusals;
+mod replay;
 mod sagas;
 mod waits;
