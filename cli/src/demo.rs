@@ -75,8 +75,8 @@ impl Api {
                     reqwest::Method::POST,
                     "/v1/admin/dead-letters/replay",
                     &operator,
-                    Some(filter.clone()),
                     None,
+                    Some(filter.clone()),
                 )
                 .await?;
             if status != 200 {
