@@ -116,6 +116,7 @@ pub async fn relay_handoff(
         if let Err(err) = relay_round(
             &redis,
             &*broker,
+            &registry_key,
             &streams,
             &consumer,
             duplicate_every_message,
@@ -139,6 +140,21 @@ pub async fn relay_handoff(
     }
 }
 
+/// Makes a missing hand-off stream (and its group) again, only while the stream is still
+/// registered: a settled campaign's streams leave the registry before they are deleted, and must
+/// stay deleted. Answers 1 when it made the stream.
+const REMAKE_STREAM: &str = r"
+-- KEYS: registry, stream; ARGV: group
+if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local made = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0')
+  if type(made) == 'table' and made.err then return 0 end
+  return 1
+end
+redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
+return 1
+";
+
 /// The consumer group of a hand-off stream, made with the stream if that is missing; an
 /// existing group is left as it is.
 async fn create_group(connection: &mut ConnectionManager, stream: &str) {
@@ -155,6 +171,7 @@ async fn create_group(connection: &mut ConnectionManager, stream: &str) {
 async fn relay_round(
     redis: &ConnectionManager,
     broker: &dyn Bus,
+    registry_key: &str,
     streams: &[String],
     consumer: &str,
     duplicate_every_message: bool,
@@ -179,11 +196,18 @@ async fn relay_round(
             // again, empty, so that the other streams' round goes on (one missing stream
             // must not stall every campaign's hand-off).
             Err(err) if err.code() == Some("NOGROUP") => {
-                tracing::error!(
-                    stream,
-                    "a hand-off stream is missing from Redis; recreating it empty"
-                );
-                create_group(&mut connection, stream).await;
+                let remade: i64 = redis::Script::new(REMAKE_STREAM)
+                    .key(registry_key)
+                    .key(stream)
+                    .arg(GROUP)
+                    .invoke_async(&mut connection)
+                    .await?;
+                if remade == 1 {
+                    tracing::error!(
+                        stream,
+                        "a hand-off stream was missing from Redis; made again, empty"
+                    );
+                }
                 continue;
             }
             Err(err) => return Err(err.into()),

@@ -361,6 +361,7 @@ fn assert_one_binary_collation(collations: &[String]) {
 
 #[tokio::test]
 async fn the_binary_keys_migration_goes_down_to_the_old_collation_and_up_again_on_mariadb() {
+    use redpacket_migrations::MigrationName;
     use sea_orm::sea_query::Query;
     let database = TestDatabase::create(Backend::MySql).await;
     let db = redpacket_common::db::connect(&database.url, 2)
@@ -389,7 +390,13 @@ async fn the_binary_keys_migration_goes_down_to_the_old_collation_and_up_again_o
     };
     // Before the migration, as on a database created by an earlier release: `user:alice`
     // collides with `user:Alice`.
-    let before = Migrator::migrations().len() - 1;
+    let migrations = Migrator::migrations();
+    let before = migrations
+        .iter()
+        .position(|m| m.name() == "m20261201_000004_binary_keys")
+        .unwrap();
+    // The migrations from the binary keys on: down reverts the later ones first.
+    let from_binary_keys = u32::try_from(migrations.len() - before).unwrap();
     Migrator::up(&db, Some(u32::try_from(before).unwrap()))
         .await
         .unwrap();
@@ -404,7 +411,9 @@ async fn the_binary_keys_migration_goes_down_to_the_old_collation_and_up_again_o
 
     // Down restores the stated old collation, which cannot hold both spellings: it refuses,
     // leaving the accounts whole and binary, until one is removed.
-    let refused = Migrator::down(&db, Some(1)).await.unwrap_err();
+    let refused = Migrator::down(&db, Some(from_binary_keys))
+        .await
+        .unwrap_err();
     assert!(refused.to_string().contains("Duplicate"), "{refused}");
     assert_one_binary_collation(&mysql_collations(&db).await);
     db.execute_unprepared("DELETE FROM wallet_accounts WHERE name = 'user:alice'")
@@ -414,7 +423,7 @@ async fn the_binary_keys_migration_goes_down_to_the_old_collation_and_up_again_o
     assert_eq!(mysql_collations(&db).await, ["utf8mb4_general_ci"]);
     assert_eq!(
         Migrator::get_pending_migrations(&db).await.unwrap().len(),
-        1
+        usize::try_from(from_binary_keys).unwrap()
     );
 
     Migrator::up(&db, None).await.unwrap();
