@@ -361,7 +361,6 @@ fn assert_one_binary_collation(collations: &[String]) {
 
 #[tokio::test]
 async fn the_binary_keys_migration_goes_down_to_the_old_collation_and_up_again_on_mariadb() {
-    use redpacket_migrations::MigrationName;
     use sea_orm::sea_query::Query;
     let database = TestDatabase::create(Backend::MySql).await;
     let db = redpacket_common::db::connect(&database.url, 2)

@@ -76,10 +76,10 @@ async fn the_saga_worker_refuses_to_start_on_a_redis_that_evicts_keys() {
     config.redis_url = redpacket_common::Secret::new(redis.url());
     config.listen = "127.0.0.1:0".parse().unwrap();
     let refused = Application::build(config, TestSwitches::default()).await;
-    let err = refused
-        .err()
-        .expect("an evicting Redis is refused")
-        .to_string();
+    let Err(err) = refused else {
+        panic!("an evicting Redis is refused");
+    };
+    let err = err.to_string();
     assert!(err.contains("allkeys-random"), "{err}");
     system.stop().await;
 }
