@@ -32,8 +32,9 @@ const STATUS_CACHE_TTL: Duration = Duration::from_secs(1);
 const MAX_CACHED_CAMPAIGNS: usize = 10_000;
 /// How long a lost pool waits, with no claim of the campaign newly recorded, before it is
 /// rebuilt from the database: the grabs it answered before it was lost reach the database
-/// through the saga first, so their packets are not handed out again.
-pub const DEFAULT_REBUILD_QUIET: Duration = Duration::from_secs(10);
+/// through the saga first (longer than the saga's last retry level, 25.6 s, and a call), so
+/// their packets are not handed out again. One recorded later still is caught at its record.
+pub const DEFAULT_REBUILD_QUIET: Duration = Duration::from_secs(60);
 /// A rebuild claimed this long ago and not finished (its process died) is taken over.
 const REBUILD_STALE_MS: i64 = 60_000;
 
@@ -425,6 +426,7 @@ impl CampaignService {
             status_reason: None,
             pool_state: pool_state::NONE.to_owned(),
             pool_claimed_at_ms: None,
+            pool_rebuilt_at_ms: None,
             idempotency_key,
             request_hash,
             created_at_ms: now,
@@ -676,7 +678,11 @@ impl CampaignService {
                 "the claim id does not belong to that campaign",
             ));
         }
-        let claim = self.store.record_claim(&record).await?;
+        let rebuilt = self.store.rebuilt_limits(&[record.campaign_id]).await?;
+        let claim = match rebuilt.get(&record.campaign_id) {
+            Some(&limit) => self.store.record_claim_checked(&record, limit).await?,
+            None => self.store.record_claim(&record).await?,
+        };
         self.pool
             .forget_pending(record.campaign_id, &[&record.id])
             .await?;
@@ -691,8 +697,23 @@ impl CampaignService {
     ) -> Result<Vec<Result<claim::Model, CampaignError>>, CampaignError> {
         let mut answers: Vec<Option<Result<claim::Model, CampaignError>>> = Vec::new();
         let mut valid = Vec::with_capacity(records.len());
+        let mut campaigns: Vec<i64> = records.iter().map(|r| r.campaign_id).collect();
+        campaigns.sort_unstable();
+        campaigns.dedup();
+        let rebuilt = self.store.rebuilt_limits(&campaigns).await?;
         for record in records {
-            if campaign_of_claim(&record.id) == Some(record.campaign_id) {
+            if let Some(&limit) = rebuilt.get(&record.campaign_id)
+                && campaign_of_claim(&record.id) == Some(record.campaign_id)
+            {
+                // A rebuilt pool's claims, one by one with the checks (a rare path).
+                let result = self.store.record_claim_checked(&record, limit).await;
+                if let Ok(claim) = &result {
+                    self.pool
+                        .forget_pending(claim.campaign_id, &[&claim.id])
+                        .await?;
+                }
+                answers.push(Some(result.map_err(CampaignError::from)));
+            } else if campaign_of_claim(&record.id) == Some(record.campaign_id) {
                 answers.push(None);
                 valid.push(record);
             } else {
@@ -1035,9 +1056,13 @@ impl CampaignService {
                 }
                 let contents = self.store.pool_contents(campaign.id).await?;
                 let rebuilt = self.pool.rebuild(pool, &contents).await?;
-                self.store
-                    .set_pool_state(campaign.id, pool_state::LOADED)
-                    .await?;
+                self.store.mark_pool_rebuilt(campaign.id, now).await?;
+                // A cancel that found no pool may have landed while this one was rebuilt: the
+                // database's word wins, as after a first load.
+                let current = self.store.campaign(campaign.id).await?;
+                if current.is_some_and(|c| c.status == status::CANCELLED) {
+                    self.pool.cancel(pool, 0).await?;
+                }
                 self.quiet_since
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

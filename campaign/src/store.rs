@@ -305,19 +305,37 @@ impl Store {
         now_ms: i64,
         stale_after_ms: i64,
     ) -> Result<bool, StoreError> {
+        self.claim_pool_work(
+            id,
+            now_ms,
+            stale_after_ms,
+            pool_state::NONE,
+            pool_state::LOADING,
+        )
+        .await
+    }
+
+    /// Takes work on a live campaign's pool for this process: its `pool_state` goes from
+    /// `idle` to `busy`, or stays `busy` with a new claim time when the last claim is older than
+    /// `stale_after_ms` (its process died). False when another process has it.
+    async fn claim_pool_work(
+        &self,
+        id: i64,
+        now_ms: i64,
+        stale_after_ms: i64,
+        idle: &str,
+        busy: &str,
+    ) -> Result<bool, StoreError> {
         let result = campaign::Entity::update_many()
-            .col_expr(
-                campaign::Column::PoolState,
-                Expr::value(pool_state::LOADING),
-            )
+            .col_expr(campaign::Column::PoolState, Expr::value(busy))
             .col_expr(campaign::Column::PoolClaimedAtMs, Expr::value(now_ms))
             .filter(campaign::Column::Id.eq(id))
             .filter(campaign::Column::Status.is_in([status::SCHEDULED, status::ACTIVE]))
             .filter(
                 campaign::Column::PoolState
-                    .eq(pool_state::NONE)
+                    .eq(idle)
                     .or(campaign::Column::PoolState
-                        .eq(pool_state::LOADING)
+                        .eq(busy)
                         .and(campaign::Column::PoolClaimedAtMs.lt(now_ms - stale_after_ms))),
             )
             .exec(&self.db)
@@ -396,6 +414,19 @@ impl Store {
         Ok(result.rows_affected == 1)
     }
 
+    /// A rebuilt pool is loaded again; from now on the campaign's claims are recorded with the
+    /// checks of [`Store::record_claim_checked`].
+    pub async fn mark_pool_rebuilt(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
+        campaign::Entity::update_many()
+            .col_expr(campaign::Column::PoolState, Expr::value(pool_state::LOADED))
+            .col_expr(campaign::Column::PoolRebuiltAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::PoolState.eq(pool_state::REBUILDING))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     /// Takes the rebuild of a lost pool (or of one whose rebuilder stopped `stale_after_ms`
     /// ago) for this process; false when another has it.
     pub async fn claim_pool_rebuild(
@@ -404,24 +435,14 @@ impl Store {
         now_ms: i64,
         stale_after_ms: i64,
     ) -> Result<bool, StoreError> {
-        let result = campaign::Entity::update_many()
-            .col_expr(
-                campaign::Column::PoolState,
-                Expr::value(pool_state::REBUILDING),
-            )
-            .col_expr(campaign::Column::PoolClaimedAtMs, Expr::value(now_ms))
-            .filter(campaign::Column::Id.eq(id))
-            .filter(campaign::Column::Status.is_in([status::SCHEDULED, status::ACTIVE]))
-            .filter(
-                campaign::Column::PoolState
-                    .eq(pool_state::LOST)
-                    .or(campaign::Column::PoolState
-                        .eq(pool_state::REBUILDING)
-                        .and(campaign::Column::PoolClaimedAtMs.lt(now_ms - stale_after_ms))),
-            )
-            .exec(&self.db)
-            .await?;
-        Ok(result.rows_affected == 1)
+        self.claim_pool_work(
+            id,
+            now_ms,
+            stale_after_ms,
+            pool_state::LOST,
+            pool_state::REBUILDING,
+        )
+        .await
     }
 
     /// Remembers what was left in the pool when the campaign ended.
@@ -547,6 +568,124 @@ impl Store {
         self.claim(&record.id)
             .await?
             .ok_or_else(|| StoreError::ClaimMismatch(record.id.clone()))
+    }
+
+    /// Of these campaigns, the ones whose pool was ever rebuilt, with their per-user limit: their
+    /// claims are recorded with [`Store::record_claim_checked`]. One lookup by key per batch.
+    pub async fn rebuilt_limits(
+        &self,
+        campaign_ids: &[i64],
+    ) -> Result<HashMap<i64, i64>, StoreError> {
+        Ok(campaign::Entity::find()
+            .filter(campaign::Column::Id.is_in(campaign_ids.iter().copied()))
+            .filter(campaign::Column::PoolRebuiltAtMs.is_not_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|campaign| (campaign.id, i64::from(campaign.per_user_limit)))
+            .collect())
+    }
+
+    /// Records a claim of a campaign whose pool was rebuilt: as [`Store::record_claim`], except
+    /// that a claim whose packet another claim holds (pending, credited, or compensated with
+    /// the packet kept out), or whose user already holds `per_user_limit` claims, is recorded
+    /// `compensated` with the reason, in the same transaction: it was granted by the lost pool
+    /// or by the rebuilt one without knowing of the other, nothing moved for it, and the claim
+    /// recorded first keeps the packet. The packet's row is locked for the check, so two such
+    /// records cannot both pass it.
+    pub async fn record_claim_checked(
+        &self,
+        record: &ClaimRecord,
+        per_user_limit: i64,
+    ) -> Result<claim::Model, StoreError> {
+        let seq = i32::try_from(record.seq).unwrap_or(i32::MAX);
+        let txn = self.db.begin().await?;
+        let packet = packet::Entity::find_by_id((record.campaign_id, seq))
+            .lock_exclusive()
+            .one(&txn)
+            .await?;
+        if let Some(existing) = claim::Entity::find_by_id(&record.id).one(&txn).await? {
+            txn.commit().await?;
+            return same_record(existing, record);
+        }
+        if packet.is_none_or(|packet| packet.amount != record.amount) {
+            return Err(StoreError::ClaimMismatch(record.id.clone()));
+        }
+        let others = claim::Entity::find()
+            .filter(claim::Column::CampaignId.eq(record.campaign_id))
+            .filter(
+                claim::Column::PacketSeq
+                    .eq(seq)
+                    .or(claim::Column::UserId.eq(&record.user_id)),
+            )
+            .all(&txn)
+            .await?;
+        let packet_taken = others.iter().any(|other| {
+            other.packet_seq == seq
+                && (other.status != claim_status::COMPENSATED || !other.returned_to_pool)
+        });
+        let user_claims = others
+            .iter()
+            .filter(|other| other.user_id == record.user_id)
+            .count();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut model = pending_claim(record, now_ms);
+        let refused = if packet_taken {
+            Some(
+                "packet_taken: another claim holds the packet (granted twice after the packet pool was lost)",
+            )
+        } else if i64::try_from(user_claims).unwrap_or(i64::MAX) >= per_user_limit {
+            Some(
+                "limit_reached: the user already holds the campaign's limit of claims (granted after the packet pool was lost)",
+            )
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            // Its packet is not this claim's to hold (another claim has it, or it is in the pool
+            // again): counted as compensated and returned, so the in-flight count, which counts
+            // the packets taken from the pool, stays exact.
+            model.status = claim_status::COMPENSATED.to_owned();
+            model.reason = Some(reason.to_owned());
+            model.compensated_at_ms = Some(now_ms);
+            model.returned_to_pool = true;
+        }
+        claim::Entity::insert(claim_active_model(&model))
+            .exec_without_returning(&txn)
+            .await?;
+        bump(
+            &txn,
+            record.campaign_id,
+            &record.id,
+            stats::Column::PacketsRecorded,
+            stats::Column::AmountRecorded,
+            record.amount,
+        )
+        .await?;
+        if refused.is_some() {
+            for (packets, amount) in [
+                (
+                    stats::Column::PacketsCompensated,
+                    stats::Column::AmountCompensated,
+                ),
+                (
+                    stats::Column::PacketsReturned,
+                    stats::Column::AmountReturned,
+                ),
+            ] {
+                bump(
+                    &txn,
+                    record.campaign_id,
+                    &record.id,
+                    packets,
+                    amount,
+                    record.amount,
+                )
+                .await?;
+            }
+        }
+        txn.commit().await?;
+        Ok(model)
     }
 
     pub async fn claim(&self, id: &str) -> Result<Option<claim::Model>, StoreError> {
@@ -1055,6 +1194,7 @@ fn campaign_active_model(model: &campaign::Model) -> campaign::ActiveModel {
         status_reason: Set(model.status_reason.clone()),
         pool_state: Set(model.pool_state.clone()),
         pool_claimed_at_ms: Set(model.pool_claimed_at_ms),
+        pool_rebuilt_at_ms: Set(model.pool_rebuilt_at_ms),
         idempotency_key: Set(model.idempotency_key.clone()),
         request_hash: Set(model.request_hash.clone()),
         created_at_ms: Set(model.created_at_ms),

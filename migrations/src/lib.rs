@@ -15,6 +15,7 @@ mod m20261126_000002_campaign;
 mod m20261126_000003_saga;
 mod m20261201_000004_binary_keys;
 mod m20261201_000005_dead_letter_replays;
+mod m20261201_000006_pool_rebuilds;
 
 /// Applies, reverts and reports the migrations.
 #[derive(Debug)]
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000003_saga::Migration),
             Box::new(m20261201_000004_binary_keys::Migration),
             Box::new(m20261201_000005_dead_letter_replays::Migration),
+            Box::new(m20261201_000006_pool_rebuilds::Migration),
         ]
     }
 }

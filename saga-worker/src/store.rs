@@ -375,6 +375,12 @@ impl SagaStore {
             id.strip_prefix("fund:")
                 .is_some_and(|campaign| !with_refund.contains(&format!("refund:{campaign}")))
         }));
+        // Replayed dead letters are kept as long as finished sagas, then go too.
+        purged += dead_letter::Entity::delete_many()
+            .filter(dead_letter::Column::ReplayedAtMs.lt(before_ms))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
         if !ids.is_empty() {
             purged += saga::Entity::delete_many()
                 .filter(saga::Column::Id.is_in(ids))

@@ -72,6 +72,8 @@ pub async fn settle(
             let mut again = envelope.clone();
             again.attempt = (level + 1).min(WAIT_LEVEL);
             again.waiting_since_ms = Some(envelope.waiting_since_ms.unwrap_or(now));
+            // A wait is a call that succeeded: a later failure starts a new retry budget.
+            again.retrying_since_ms = None;
             tracing::debug!(saga = envelope.event.saga_id(), reason, "waiting");
             broker
                 .publish(

@@ -24,6 +24,8 @@ pub struct Model {
     pub status_reason: Option<String>,
     pub pool_state: String,
     pub pool_claimed_at_ms: Option<i64>,
+    /// When the pool was last rebuilt after its store lost it.
+    pub pool_rebuilt_at_ms: Option<i64>,
     pub idempotency_key: Option<String>,
     pub request_hash: String,
     pub created_at_ms: i64,

@@ -43,19 +43,30 @@ async fn claims_move_from_pending_to_credited_or_compensated(setup: Setup) {
     assert_eq!(pending["user_id"], "alice");
     assert_eq!(pending["amount"], alice["amount"]);
 
-    // The saga records each claim (twice: messages come at least once).
+    // The saga records each claim (twice: messages come at least once), each attempt with a
+    // request id of its own: the retry answers the original record.
     for (user, grab) in &grabs {
         let claim = grab["claim_id"].as_str().unwrap();
         let seq = handoff.iter().find(|h| h.0 == claim).unwrap().2;
-        for _ in 0..2 {
+        let mut answers = Vec::new();
+        for attempt in 0..2 {
+            let mut body = record_body(&id, grab, user, seq);
+            body["request_id"] = json!(format!("attempt-{attempt}"));
             let response = app
-                .post(
-                    &format!("/claims/{claim}/record"),
-                    &record_body(&id, grab, user, seq),
-                )
-                .await;
+                .client
+                .post(format!("{}/claims/{claim}/record", app.address))
+                .header("x-request-id", format!("attempt-{attempt}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
+            answers.push(response.json::<Value>().await.unwrap());
         }
+        assert_eq!(
+            answers[0], answers[1],
+            "a retried record answers the original"
+        );
     }
     // A record naming the wrong packet, or changing a recorded claim, is refused.
     let (_, bob) = &grabs[1];

@@ -7,4 +7,5 @@ mod exact_ids;
 mod grab;
 mod helpers;
 mod overload;
+mod pool_loss;
 mod redis_settings;

@@ -129,3 +129,13 @@ async fn a_timeout_page_in_front_of_the_campaign_service_compensates_nothing() {
 async fn a_body_too_large_page_in_front_of_the_campaign_service_compensates_nothing() {
     a_whole_call_refused_refuses_no_item(Target::Campaign, Mode::Page(413)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_gateway_in_front_of_the_campaign_service_compensates_nothing() {
+    a_whole_call_refused_refuses_no_item(Target::Campaign, Mode::Page(502)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_s_html_404_in_front_of_the_campaign_service_compensates_nothing() {
+    a_whole_call_refused_refuses_no_item(Target::Campaign, Mode::Page(404)).await;
+}
