@@ -101,7 +101,8 @@ pub async fn relay_handoff(
                     .try_acquire(&format!("{lease_prefix}:relay:{stream}"), LEASE_TTL)
                     .await
                 {
-                    create_group(&mut redis.clone(), &stream).await;
+                    // Made with its group, unless the campaign was settled meanwhile.
+                    let _ = remake_stream(&mut redis.clone(), &registry_key, &stream).await;
                     held.insert(stream, lease);
                 }
             }
@@ -113,7 +114,7 @@ pub async fn relay_handoff(
             }
         }
         let streams: Vec<String> = held.keys().cloned().collect();
-        if let Err(err) = relay_round(
+        match relay_round(
             &redis,
             &*broker,
             &registry_key,
@@ -123,15 +124,24 @@ pub async fn relay_handoff(
         )
         .await
         {
-            tracing::warn!(error = %err, "relay round failed; retrying");
-            // Waits for the broker if it is the one failing, and in any case a moment, so
-            // that a failing Redis is not asked again in a tight loop.
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = async {
-                    broker.reconnect().await;
-                    tokio::time::sleep(ROUND_RETRY_DELAY).await;
-                } => {}
+            Ok(gone) => {
+                for stream in gone {
+                    if let Some(lease) = held.remove(&stream) {
+                        let _ = lease.release().await;
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "relay round failed; retrying");
+                // Waits for the broker if it is the one failing, and in any case a moment, so
+                // that a failing Redis is not asked again in a tight loop.
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = async {
+                        broker.reconnect().await;
+                        tokio::time::sleep(ROUND_RETRY_DELAY).await;
+                    } => {}
+                }
             }
         }
     }
@@ -140,9 +150,9 @@ pub async fn relay_handoff(
     }
 }
 
-/// Makes a missing hand-off stream (and its group) again, only while the stream is still
-/// registered: a settled campaign's streams leave the registry before they are deleted, and must
-/// stay deleted. Answers 1 when it made the stream.
+/// Makes a hand-off stream's group, and the stream when it is missing, only while the stream is
+/// still registered: a settled campaign's streams leave the registry before they are deleted,
+/// and must stay deleted. Answers 1 when it made the group (an existing one is left alone).
 const REMAKE_STREAM: &str = r"
 -- KEYS: registry, stream; ARGV: group
 if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 0 then return 0 end
@@ -155,17 +165,20 @@ redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
 return 1
 ";
 
-/// The consumer group of a hand-off stream, made with the stream if that is missing; an
-/// existing group is left as it is.
-async fn create_group(connection: &mut ConnectionManager, stream: &str) {
-    let _: Result<(), _> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
+/// Makes a hand-off stream's group (and the stream, when it is missing) while the stream is
+/// registered; true when it made either.
+async fn remake_stream(
+    connection: &mut ConnectionManager,
+    registry_key: &str,
+    stream: &str,
+) -> redis::RedisResult<bool> {
+    let made: i64 = redis::Script::new(REMAKE_STREAM)
+        .key(registry_key)
+        .key(stream)
         .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(connection)
-        .await;
+        .invoke_async(connection)
+        .await?;
+    Ok(made == 1)
 }
 
 async fn relay_round(
@@ -175,9 +188,12 @@ async fn relay_round(
     streams: &[String],
     consumer: &str,
     duplicate_every_message: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     let mut connection = redis.clone();
     let mut entries: Vec<(String, String, HashMap<String, Value>)> = Vec::new();
+    // Streams gone from Redis and from the registry (a settled campaign's): left out of this
+    // round's read and answered, so that the relay stops holding them at once.
+    let mut gone: Vec<String> = Vec::new();
     // Entries a dead relay left pending.
     for stream in streams {
         let claimed: Value = match redis::cmd("XAUTOCLAIM")
@@ -196,17 +212,13 @@ async fn relay_round(
             // again, empty, so that the other streams' round goes on (one missing stream
             // must not stall every campaign's hand-off).
             Err(err) if err.code() == Some("NOGROUP") => {
-                let remade: i64 = redis::Script::new(REMAKE_STREAM)
-                    .key(registry_key)
-                    .key(stream)
-                    .arg(GROUP)
-                    .invoke_async(&mut connection)
-                    .await?;
-                if remade == 1 {
+                if remake_stream(&mut connection, registry_key, stream).await? {
                     tracing::error!(
                         stream,
                         "a hand-off stream was missing from Redis; made again, empty"
                     );
+                } else {
+                    gone.push(stream.clone());
                 }
                 continue;
             }
@@ -236,15 +248,20 @@ async fn relay_round(
         .group(GROUP, consumer)
         .count(BATCH)
         .block(usize::try_from(BLOCK.as_millis()).unwrap_or(100));
-    let ids: Vec<&str> = streams.iter().map(|_| ">").collect();
-    let reply: Option<StreamReadReply> = connection.xread_options(streams, &ids, &options).await?;
+    let readable: Vec<&String> = streams.iter().filter(|s| !gone.contains(s)).collect();
+    if readable.is_empty() {
+        return Ok(gone);
+    }
+    let ids: Vec<&str> = readable.iter().map(|_| ">").collect();
+    let reply: Option<StreamReadReply> =
+        connection.xread_options(&readable, &ids, &options).await?;
     for key in reply.map(|r| r.keys).unwrap_or_default() {
         for entry in key.ids {
             entries.push((key.key.clone(), entry.id, entry.map));
         }
     }
     if entries.is_empty() {
-        return Ok(());
+        return Ok(gone);
     }
     let mut envelopes = Vec::with_capacity(entries.len());
     let mut unreadable = Vec::new();
@@ -304,7 +321,7 @@ async fn relay_round(
             .query_async(&mut connection)
             .await?;
     }
-    Ok(())
+    Ok(gone)
 }
 
 /// Moves the campaign outbox into the broker until `shutdown`, while holding its lease.
