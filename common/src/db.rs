@@ -173,16 +173,45 @@ pub async fn connect_with(
     max_connections: u32,
     durability: Durability,
 ) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let acquire = if url.starts_with("sqlite:") {
+        SQLITE_ACQUIRE_TIMEOUT
+    } else {
+        ACQUIRE_TIMEOUT
+    };
+    open(url, max_connections, durability, acquire).await
+}
+
+/// How long [`connect_patient`]'s statements may wait for a connection.
+pub const PATIENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects for a caller that would rather wait than be refused (a test's or a tool's own
+/// reads, never a service answering requests): statements wait up to
+/// [`PATIENT_ACQUIRE_TIMEOUT`] for a connection, opening one included.
+pub async fn connect_patient(
+    url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    open(
+        url,
+        max_connections,
+        Durability::Full,
+        PATIENT_ACQUIRE_TIMEOUT,
+    )
+    .await
+}
+
+async fn open(
+    url: &str,
+    max_connections: u32,
+    durability: Durability,
+    acquire_timeout: Duration,
+) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let is_sqlite = url.starts_with("sqlite:");
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .max_connections(if is_sqlite { 1 } else { max_connections })
         .min_connections(if is_sqlite { 1 } else { 0 })
-        .acquire_timeout(if is_sqlite {
-            SQLITE_ACQUIRE_TIMEOUT
-        } else {
-            ACQUIRE_TIMEOUT
-        })
+        .acquire_timeout(acquire_timeout)
         .sqlx_logging(false);
     if durability == Durability::Relaxed {
         options.map_sqlx_postgres_opts(|pg| pg.options([("synchronous_commit", "off")]));

@@ -123,9 +123,12 @@ pub struct System {
     stops: Vec<oneshot::Sender<()>>,
 }
 
+/// A fresh database, with a pool that waits for connections rather than refusing: these tests
+/// load the machine with the whole suite, and test the sagas, not the services' overload
+/// answers (the services' own tests do).
 async fn database() -> (TestDatabase, sea_orm::DatabaseConnection) {
     let database = TestDatabase::create(Backend::Postgres).await;
-    let db = redpacket_common::db::connect(&database.url, 8)
+    let db = redpacket_common::db::connect_patient(&database.url, 8)
         .await
         .unwrap();
     Migrator::up(&db, None).await.unwrap();
@@ -175,21 +178,30 @@ pub async fn spawn_system_on(
     let wallet_process = Some((stop, wallet_task));
 
     let (campaign_database, campaign_db) = database().await;
+    // The test's own reads of the campaign tables go through connections of their own, so
+    // that they neither wait behind the service's pool nor take its connections.
+    let reads_db = redpacket_common::db::connect_patient(&campaign_database.url, 4)
+        .await
+        .unwrap();
     databases.push(campaign_database);
-    let pool = RedisPool::connect(redis, &redis_prefix).await.unwrap();
-    let campaigns = CampaignService::new(
+    let pool = Arc::new(RedisPool::connect(redis, &redis_prefix).await.unwrap());
+    let service = CampaignService::new(
         Store::new(campaign_db),
-        Arc::new(pool),
+        pool.clone(),
         Arc::new(SnowflakeGenerator::new(rand::random::<u32>() % 512).unwrap()),
         4,
     )
     .with_rebuild_quiet(Duration::from_secs(2));
-    let campaign = redpacket_campaign::Application::with_service(
-        campaigns.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let campaigns = CampaignService::new(
+        Store::new(reads_db),
+        pool,
+        Arc::new(SnowflakeGenerator::new(rand::random::<u32>() % 512).unwrap()),
+        4,
+    );
+    let campaign =
+        redpacket_campaign::Application::with_service(service, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
     let campaign_url = format!("http://127.0.0.1:{}", campaign.port());
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(campaign.run_until_stopped(async {
@@ -249,14 +261,23 @@ impl System {
         self.client.post(url).json(&body).send().await.unwrap()
     }
 
+    /// A GET that, as a real client does, waits out 503s (an overloaded service under the
+    /// whole test suite's load) for a bounded time.
     pub async fn get_json(&self, url: &str) -> Value {
-        let response = self.client.get(url).send().await.unwrap();
-        assert!(
-            response.status().is_success(),
-            "GET {url}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
+        for _ in 0..50 {
+            let response = self.client.get(url).send().await.unwrap();
+            if response.status() == 503 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            assert!(
+                response.status().is_success(),
+                "GET {url}: {}",
+                response.status()
+            );
+            return response.json().await.unwrap();
+        }
+        panic!("GET {url}: 503 for 10 s");
     }
 
     pub async fn top_up(&self, merchant: &str, amount: i64) {
@@ -268,18 +289,24 @@ impl System {
     }
 
     pub async fn balance(&self, account: &str) -> i64 {
-        let response = self
-            .client
-            .get(format!("{}/accounts/{account}", self.wallet_url))
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 404 {
-            return 0;
+        for _ in 0..50 {
+            let response = self
+                .client
+                .get(format!("{}/accounts/{account}", self.wallet_url))
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                404 => return 0,
+                503 => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => {
+                    return response.json::<Value>().await.unwrap()["balance"]
+                        .as_i64()
+                        .unwrap();
+                }
+            }
         }
-        response.json::<Value>().await.unwrap()["balance"]
-            .as_i64()
-            .unwrap()
+        panic!("the wallet answered 503 for 10 s");
     }
 
     /// Creates a campaign starting now; returns its id.

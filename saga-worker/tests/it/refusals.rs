@@ -32,7 +32,7 @@ async fn a_whole_call_refused_refuses_no_item(target: Target, mode: Mode) {
     let (total, packets) = (30_000_i64, 300_usize);
     system.top_up("m1", 100_000).await;
     let id = system
-        .create_campaign("m1", total, i64::try_from(packets).unwrap(), 12_000)
+        .create_campaign("m1", total, i64::try_from(packets).unwrap(), 120_000)
         .await;
     system.wait_for_status(&id, "active", 30).await;
 
