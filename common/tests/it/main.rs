@@ -303,7 +303,9 @@ async fn fencing_tokens_never_go_backwards_when_redis_loses_the_counter() {
     highest = after_loss.fence();
     after_loss.release().await.unwrap();
 
-    // Another process (no memory of the tokens) after the counter went back to 1.
+    // Another process (no memory of the tokens) after the counter went back to 1, started at
+    // least a millisecond later (the clock floor moves by the millisecond).
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let _: () = connection.set(&counter, 1).await.unwrap();
     let fresh = LeaseManager::with_fence_key(connection.clone(), &counter);
     let other = fresh.try_acquire(&lock, ttl).await.unwrap().unwrap();

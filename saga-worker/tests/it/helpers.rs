@@ -128,7 +128,8 @@ pub struct System {
 /// answers (the services' own tests do).
 async fn database() -> (TestDatabase, sea_orm::DatabaseConnection) {
     let database = TestDatabase::create(Backend::Postgres).await;
-    let db = redpacket_common::db::connect_patient(&database.url, 8)
+    // Small pools: six of these systems run at once against one PostgreSQL (100 connections).
+    let db = redpacket_common::db::connect_patient(&database.url, 4)
         .await
         .unwrap();
     Migrator::up(&db, None).await.unwrap();
@@ -180,7 +181,7 @@ pub async fn spawn_system_on(
     let (campaign_database, campaign_db) = database().await;
     // The test's own reads of the campaign tables go through connections of their own, so
     // that they neither wait behind the service's pool nor take its connections.
-    let reads_db = redpacket_common::db::connect_patient(&campaign_database.url, 4)
+    let reads_db = redpacket_common::db::connect_patient(&campaign_database.url, 2)
         .await
         .unwrap();
     databases.push(campaign_database);
@@ -231,7 +232,7 @@ pub async fn spawn_system_on(
         retry_budget: Duration::from_secs(30),
         wait_max: Duration::from_secs(60),
         lease_ttl: Duration::from_millis(1500),
-        db_max_connections: 8,
+        db_max_connections: 4,
     };
     let mut config = config;
     adjust(&mut config);
