@@ -33,9 +33,14 @@ pub struct Envelope {
     /// from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retrying_since_ms: Option<i64>,
-    /// When its saga first waited on another (epoch ms): the wait bound counts from there.
+    /// Since when (epoch ms) its saga has waited on another without a change in what it waits
+    /// for: the wait bound counts from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_since_ms: Option<i64>,
+    /// What it waited for at its last look (say, "12 claims still in flight"): a change is
+    /// progress, and restarts the wait bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     pub event: SagaEvent,
 }
 
@@ -94,6 +99,9 @@ pub const MAX_ENVELOPES_PER_MESSAGE: usize = 100;
 
 /// What one message of the work queue carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A delivery is decoded once per message and moved once, into its handling: the size of its
+// one-envelope variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Delivery {
     One(Envelope),
     Many(Vec<Envelope>),
@@ -142,6 +150,7 @@ impl Envelope {
             attempt: 0,
             retrying_since_ms: None,
             waiting_since_ms: None,
+            waiting_for: None,
             event,
         }
     }
@@ -152,6 +161,7 @@ impl Envelope {
         self.attempt = 0;
         self.retrying_since_ms = None;
         self.waiting_since_ms = None;
+        self.waiting_for = None;
         self
     }
 

@@ -13,6 +13,9 @@ use crate::broker::RETRY_LEVELS;
 use crate::bus::{Bus, Handler};
 use crate::engine::{Engine, Outcome};
 
+/// The longest "what it waits for" kept on a waiting message.
+const MAX_WAIT_REASON_CHARS: usize = 200;
+
 /// The retry level a waiting saga looks again from (`retry_base × 2^3`: 1.6 s by default).
 const WAIT_LEVEL: u32 = 3;
 
@@ -71,7 +74,11 @@ pub async fn settle(
             let level = envelope.attempt.min(WAIT_LEVEL);
             let mut again = envelope.clone();
             again.attempt = (level + 1).min(WAIT_LEVEL);
-            again.waiting_since_ms = Some(envelope.waiting_since_ms.unwrap_or(now));
+            // The bound counts from the last change of what the saga waits for: a refund whose
+            // claims in flight keep falling is moving, however long it takes.
+            let (since, waiting_for) = waited(envelope, &reason, now);
+            again.waiting_since_ms = Some(since);
+            again.waiting_for = Some(waiting_for);
             // A wait is a call that succeeded: a later failure starts a new retry budget.
             again.retrying_since_ms = None;
             tracing::debug!(saga = envelope.event.saga_id(), reason, "waiting");
@@ -122,15 +129,26 @@ fn bounded(engine: &Engine, envelope: Option<&Envelope>, outcome: Outcome, now: 
             ))
         }
         (Outcome::Wait(reason), Some(envelope))
-            if over(envelope.waiting_since_ms, engine.wait_max) =>
+            if over(Some(waited(envelope, &reason, now).0), engine.wait_max) =>
         {
             Outcome::Dead(format!(
-                "stuck: waited more than {} s: {reason}",
+                "stuck: waited more than {} s without progress: {reason}",
                 engine.wait_max.as_secs()
             ))
         }
         (outcome, _) => outcome,
     }
+}
+
+/// Since when a saga has waited without progress, counting this look, and what it waits for
+/// (as the message keeps it): a change of what it waits for is progress and restarts the count.
+fn waited(envelope: &Envelope, reason: &str, now: i64) -> (i64, String) {
+    let waiting_for: String = reason.chars().take(MAX_WAIT_REASON_CHARS).collect();
+    let since = match (&envelope.waiting_for, envelope.waiting_since_ms) {
+        (Some(before), Some(since)) if *before == waiting_for => since,
+        _ => now,
+    };
+    (since, waiting_for)
 }
 
 /// What driving one saga message needs.
@@ -251,4 +269,41 @@ pub async fn consume(
         })
     });
     bus.consume(prefetch, handler, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use redpacket_common::messages::{Envelope, SagaEvent};
+
+    use super::waited;
+
+    #[test]
+    fn a_wait_counts_from_its_last_progress() {
+        let mut envelope = Envelope::new(
+            "m".into(),
+            None,
+            SagaEvent::CampaignEnded {
+                campaign_id: "1".into(),
+                merchant_id: "m".into(),
+                currency: "CNY".into(),
+                total_amount: 100,
+            },
+        );
+        assert_eq!(
+            waited(&envelope, "12 claims still in flight", 1_000).0,
+            1_000
+        );
+        envelope.waiting_since_ms = Some(1_000);
+        envelope.waiting_for = Some("12 claims still in flight".into());
+        // The same thing waited for: the count goes on from the first look.
+        assert_eq!(
+            waited(&envelope, "12 claims still in flight", 9_000).0,
+            1_000
+        );
+        // Fewer claims in flight: progress, the count starts again.
+        assert_eq!(
+            waited(&envelope, "11 claims still in flight", 9_000).0,
+            9_000
+        );
+    }
 }
