@@ -680,7 +680,7 @@ impl CampaignService {
         }
         let rebuilt = self.store.rebuilt_limits(&[record.campaign_id]).await?;
         let claim = match rebuilt.get(&record.campaign_id) {
-            Some(&limit) => self.store.record_claim_checked(&record, limit).await?,
+            Some(&limit) => self.record_checked(&record, limit).await?,
             None => self.store.record_claim(&record).await?,
         };
         self.pool
@@ -706,7 +706,7 @@ impl CampaignService {
                 && campaign_of_claim(&record.id) == Some(record.campaign_id)
             {
                 // A rebuilt pool's claims, one by one with the checks (a rare path).
-                let result = self.store.record_claim_checked(&record, limit).await;
+                let result = self.record_checked(&record, limit).await;
                 if let Ok(claim) = &result {
                     self.pool
                         .forget_pending(claim.campaign_id, &[&claim.id])
@@ -741,6 +741,25 @@ impl CampaignService {
             self.pool.forget_pending(campaign_id, &ids).await?;
         }
         Ok(answers.into_iter().flatten().collect())
+    }
+
+    /// A claim of a campaign whose pool was rebuilt, with the checks of
+    /// [`Store::record_claim_checked`]; whether the rebuilt pool granted it is whether it still
+    /// holds the claim as pending.
+    async fn record_checked(
+        &self,
+        record: &ClaimRecord,
+        per_user_limit: i64,
+    ) -> Result<claim::Model, CampaignError> {
+        let granted_by_rebuilt_pool = self
+            .pool
+            .pending_claim(record.campaign_id, &record.id)
+            .await?
+            .is_some();
+        Ok(self
+            .store
+            .record_claim_checked(record, per_user_limit, granted_by_rebuilt_pool)
+            .await?)
     }
 
     pub async fn mark_credited(&self, claim_id: &str) -> Result<claim::Model, CampaignError> {
@@ -1056,7 +1075,7 @@ impl CampaignService {
                 }
                 let contents = self.store.pool_contents(campaign.id).await?;
                 let rebuilt = self.pool.rebuild(pool, &contents).await?;
-                self.store.mark_pool_rebuilt(campaign.id, now).await?;
+                self.store.mark_pool_rebuilt(campaign.id).await?;
                 // A cancel that found no pool may have landed while this one was rebuilt: the
                 // database's word wins, as after a first load.
                 let current = self.store.campaign(campaign.id).await?;

@@ -414,12 +414,10 @@ impl Store {
         Ok(result.rows_affected == 1)
     }
 
-    /// A rebuilt pool is loaded again; from now on the campaign's claims are recorded with the
-    /// checks of [`Store::record_claim_checked`].
-    pub async fn mark_pool_rebuilt(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
+    /// A rebuilt pool is loaded again (its claims are checked since the rebuild was claimed).
+    pub async fn mark_pool_rebuilt(&self, id: i64) -> Result<(), StoreError> {
         campaign::Entity::update_many()
             .col_expr(campaign::Column::PoolState, Expr::value(pool_state::LOADED))
-            .col_expr(campaign::Column::PoolRebuiltAtMs, Expr::value(now_ms))
             .filter(campaign::Column::Id.eq(id))
             .filter(campaign::Column::PoolState.eq(pool_state::REBUILDING))
             .exec(&self.db)
@@ -435,14 +433,25 @@ impl Store {
         now_ms: i64,
         stale_after_ms: i64,
     ) -> Result<bool, StoreError> {
-        self.claim_pool_work(
-            id,
-            now_ms,
-            stale_after_ms,
-            pool_state::LOST,
-            pool_state::REBUILDING,
-        )
-        .await
+        let claimed = self
+            .claim_pool_work(
+                id,
+                now_ms,
+                stale_after_ms,
+                pool_state::LOST,
+                pool_state::REBUILDING,
+            )
+            .await?;
+        if claimed {
+            // Before the rebuilt pool hands out a packet: every record from then on is checked,
+            // whatever the pool's state later.
+            campaign::Entity::update_many()
+                .col_expr(campaign::Column::PoolRebuiltAtMs, Expr::value(now_ms))
+                .filter(campaign::Column::Id.eq(id))
+                .exec(&self.db)
+                .await?;
+        }
+        Ok(claimed)
     }
 
     /// Remembers what was left in the pool when the campaign ended.
@@ -591,17 +600,23 @@ impl Store {
     /// the packet kept out), or whose user already holds `per_user_limit` claims, is recorded
     /// `compensated` with the reason, in the same transaction: it was granted by the lost pool
     /// or by the rebuilt one without knowing of the other, nothing moved for it, and the claim
-    /// recorded first keeps the packet. The packet's row is locked for the check, so two such
-    /// records cannot both pass it.
+    /// recorded first keeps the packet. `granted_by_rebuilt_pool`: the rebuilt pool still holds
+    /// the claim as pending (a grant of the lost pool is not known to it).
     pub async fn record_claim_checked(
         &self,
         record: &ClaimRecord,
         per_user_limit: i64,
+        granted_by_rebuilt_pool: bool,
     ) -> Result<claim::Model, StoreError> {
         let seq = i32::try_from(record.seq).unwrap_or(i32::MAX);
         let txn = self.db.begin().await?;
-        let packet = packet::Entity::find_by_id((record.campaign_id, seq))
+        // The campaign's row is the lock: the checked records of a campaign are one at a time,
+        // so neither a packet nor a user's limit can pass two checks at once.
+        campaign::Entity::find_by_id(record.campaign_id)
             .lock_exclusive()
+            .one(&txn)
+            .await?;
+        let packet = packet::Entity::find_by_id((record.campaign_id, seq))
             .one(&txn)
             .await?;
         if let Some(existing) = claim::Entity::find_by_id(&record.id).one(&txn).await? {
@@ -641,14 +656,17 @@ impl Store {
         } else {
             None
         };
+        // Whether the refused claim's packet counts as back (not this claim's to hold): yes when
+        // another claim holds it, or when the lost pool granted it (the rebuilt pool has it);
+        // no for the rebuilt pool's own grant to a user over the limit, whose packet it took
+        // out: that packet stays out for the refund, as after any compensation at the end. So
+        // the in-flight count, which counts the packets taken from the pool, stays exact.
+        let returned = packet_taken || !granted_by_rebuilt_pool;
         if let Some(reason) = refused {
-            // Its packet is not this claim's to hold (another claim has it, or it is in the pool
-            // again): counted as compensated and returned, so the in-flight count, which counts
-            // the packets taken from the pool, stays exact.
             model.status = claim_status::COMPENSATED.to_owned();
             model.reason = Some(reason.to_owned());
             model.compensated_at_ms = Some(now_ms);
-            model.returned_to_pool = true;
+            model.returned_to_pool = returned;
         }
         claim::Entity::insert(claim_active_model(&model))
             .exec_without_returning(&txn)
@@ -663,22 +681,22 @@ impl Store {
         )
         .await?;
         if refused.is_some() {
-            for (packets, amount) in [
-                (
-                    stats::Column::PacketsCompensated,
-                    stats::Column::AmountCompensated,
-                ),
-                (
-                    stats::Column::PacketsReturned,
-                    stats::Column::AmountReturned,
-                ),
-            ] {
+            bump(
+                &txn,
+                record.campaign_id,
+                &record.id,
+                stats::Column::PacketsCompensated,
+                stats::Column::AmountCompensated,
+                record.amount,
+            )
+            .await?;
+            if returned {
                 bump(
                     &txn,
                     record.campaign_id,
                     &record.id,
-                    packets,
-                    amount,
+                    stats::Column::PacketsReturned,
+                    stats::Column::AmountReturned,
                     record.amount,
                 )
                 .await?;

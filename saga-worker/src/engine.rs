@@ -19,6 +19,9 @@ use crate::store::{SagaStore, state};
 /// How long an executor's lease on a saga lasts by default (renewed while it works).
 pub const DEFAULT_SAGA_LEASE_TTL: Duration = Duration::from_secs(10);
 
+/// Why a saga waits when another executor holds its lease.
+pub const HELD_ELSEWHERE: &str = "another executor holds the saga";
+
 /// What to do with a message after handling it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -74,7 +77,7 @@ impl Engine {
         {
             Ok(Some(lease)) => lease,
             // Another executor drives this saga right now; look again later.
-            Ok(None) => return Outcome::Wait("another executor holds the saga".into()),
+            Ok(None) => return Outcome::Wait(HELD_ELSEWHERE.into()),
             Err(err) => return Outcome::Retry(format!("lease: {err}")),
         };
         let fence = i64::try_from(lease.fence()).unwrap_or(i64::MAX);

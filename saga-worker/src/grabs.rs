@@ -26,7 +26,9 @@ use redpacket_common::messages::{Envelope, SagaEvent};
 
 use crate::batcher::credit_all;
 use crate::clients::StepError;
-use crate::engine::{Engine, Outcome, Run, grab_requests, step_outcome, undoes_a_transfer};
+use crate::engine::{
+    Engine, HELD_ELSEWHERE, Outcome, Run, grab_requests, step_outcome, undoes_a_transfer,
+};
 use crate::store::{NewSaga, state};
 
 /// A grab of the batch that is still being driven: its index in the batch.
@@ -66,7 +68,7 @@ impl Engine {
                 held.push(index);
             } else {
                 // Another executor drives this saga right now; look again later.
-                outcomes[index] = Some(Outcome::Wait("another executor holds the saga".into()));
+                outcomes[index] = Some(Outcome::Wait(HELD_ELSEWHERE.into()));
             }
         }
         if !held.is_empty() {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batcher::Batcher;
 use crate::broker::RETRY_LEVELS;
 use crate::bus::{Bus, Handler};
-use crate::engine::{Engine, Outcome};
+use crate::engine::{Engine, HELD_ELSEWHERE, Outcome};
 
 /// The longest "what it waits for" kept on a waiting message.
 const MAX_WAIT_REASON_CHARS: usize = 200;
@@ -143,6 +143,13 @@ fn bounded(engine: &Engine, envelope: Option<&Envelope>, outcome: Outcome, now: 
 /// Since when a saga has waited without progress, counting this look, and what it waits for
 /// (as the message keeps it): a change of what it waits for is progress and restarts the count.
 fn waited(envelope: &Envelope, reason: &str, now: i64) -> (i64, String) {
+    // Another executor holding the saga (a duplicate of the message, running) says nothing
+    // of progress: the count and what it waits for stay as they were.
+    if reason == HELD_ELSEWHERE
+        && let (Some(before), Some(since)) = (&envelope.waiting_for, envelope.waiting_since_ms)
+    {
+        return (since, before.clone());
+    }
     let waiting_for: String = reason.chars().take(MAX_WAIT_REASON_CHARS).collect();
     let since = match (&envelope.waiting_for, envelope.waiting_since_ms) {
         (Some(before), Some(since)) if *before == waiting_for => since,
@@ -279,6 +286,7 @@ mod tests {
 
     #[test]
     fn a_wait_counts_from_its_last_progress() {
+        use super::HELD_ELSEWHERE;
         let mut envelope = Envelope::new(
             "m".into(),
             None,
@@ -299,6 +307,11 @@ mod tests {
         assert_eq!(
             waited(&envelope, "12 claims still in flight", 9_000).0,
             1_000
+        );
+        // A duplicate holding the lease is no progress.
+        assert_eq!(
+            waited(&envelope, HELD_ELSEWHERE, 9_000),
+            (1_000, "12 claims still in flight".to_owned())
         );
         // Fewer claims in flight: progress, the count starts again.
         assert_eq!(

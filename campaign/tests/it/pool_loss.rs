@@ -94,3 +94,52 @@ async fn a_grab_recorded_after_the_rebuild_never_takes_a_packet_or_a_right_given
     assert!(bob["amount"].as_i64().unwrap() > 0 && again["amount"].as_i64().unwrap() > 0);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_count_stays_exact_whichever_grab_of_a_rebuilt_pool_is_recorded_first() {
+    let app = spawn_app(Setup {
+        backend: Backend::Postgres,
+        pool: PoolKind::Redis,
+    })
+    .await;
+    let id = app.create(&campaign_body(300, 2, 1)).await;
+    app.fund_and_open(&id).await;
+    assert_eq!(app.grab(&id, "alice").await.status(), 200);
+    let lost = app.handoff(&id, 4).await;
+    lose_pool(&app, &id).await;
+    grab_when_rebuilt(&app, &id, "bob").await;
+    grab_when_rebuilt(&app, &id, "alice").await;
+    let all = app.handoff(&id, 4).await;
+    // The lost pool's grant first this time, then the rebuilt pool's two.
+    assert_eq!(record(&app, &id, &lost[0]).await["status"], "pending");
+    for claim in all.iter().filter(|c| c.0 != lost[0].0) {
+        record(&app, &id, claim).await;
+    }
+    let claims = app
+        .service
+        .store()
+        .claims_of_campaign(id.parse().unwrap(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(claims.len(), 3);
+    let pending: Vec<_> = claims.iter().filter(|c| c.status == "pending").collect();
+    let mut seqs: Vec<i32> = pending.iter().map(|c| c.packet_seq).collect();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        pending.len(),
+        "no packet held twice: {claims:?}"
+    );
+    let stats = app.get_json(&format!("/campaigns/{id}/stats")).await;
+    assert_eq!(
+        stats["packets_in_flight"],
+        pending.len(),
+        "in flight = the claims left to credit: {stats} {claims:?}"
+    );
+    assert_eq!(
+        stats["amount_in_flight"],
+        pending.iter().map(|c| c.amount).sum::<i64>(),
+        "{stats}"
+    );
+    app.stop().await;
+}
