@@ -712,7 +712,7 @@ impl CampaignService {
                         .forget_pending(claim.campaign_id, &[&claim.id])
                         .await?;
                 }
-                answers.push(Some(result.map_err(CampaignError::from)));
+                answers.push(Some(result));
             } else if campaign_of_claim(&record.id) == Some(record.campaign_id) {
                 answers.push(None);
                 valid.push(record);
