@@ -681,26 +681,7 @@ impl Store {
         )
         .await?;
         if refused.is_some() {
-            bump(
-                &txn,
-                record.campaign_id,
-                &record.id,
-                stats::Column::PacketsCompensated,
-                stats::Column::AmountCompensated,
-                record.amount,
-            )
-            .await?;
-            if returned {
-                bump(
-                    &txn,
-                    record.campaign_id,
-                    &record.id,
-                    stats::Column::PacketsReturned,
-                    stats::Column::AmountReturned,
-                    record.amount,
-                )
-                .await?;
-            }
+            count_compensation(&txn, &model, returned).await?;
         }
         txn.commit().await?;
         Ok(model)
@@ -958,36 +939,18 @@ impl Store {
         };
         let result = update.exec(&txn).await?;
         if result.rows_affected == 1 {
-            let (packets, amount) = if to == claim_status::CREDITED {
-                (
-                    stats::Column::PacketsCredited,
-                    stats::Column::AmountCredited,
-                )
-            } else {
-                (
-                    stats::Column::PacketsCompensated,
-                    stats::Column::AmountCompensated,
-                )
-            };
-            bump(
-                &txn,
-                current.campaign_id,
-                &current.id,
-                packets,
-                amount,
-                current.amount,
-            )
-            .await?;
-            if returned_to_pool {
+            if to == claim_status::CREDITED {
                 bump(
                     &txn,
                     current.campaign_id,
                     &current.id,
-                    stats::Column::PacketsReturned,
-                    stats::Column::AmountReturned,
+                    stats::Column::PacketsCredited,
+                    stats::Column::AmountCredited,
                     current.amount,
                 )
                 .await?;
+            } else {
+                count_compensation(&txn, &current, returned_to_pool).await?;
             }
         }
         txn.commit().await?;
@@ -1090,6 +1053,37 @@ async fn bump(
         (1, by),
     )
     .await
+}
+
+/// Counts a claim's compensation, and the return of its packet to the pool when it went back,
+/// in the counters of its shard.
+async fn count_compensation(
+    txn: &impl ConnectionTrait,
+    claim: &claim::Model,
+    returned_to_pool: bool,
+) -> Result<(), DbErr> {
+    let (campaign_id, id, amount) = (claim.campaign_id, claim.id.as_str(), claim.amount);
+    bump(
+        txn,
+        campaign_id,
+        id,
+        stats::Column::PacketsCompensated,
+        stats::Column::AmountCompensated,
+        amount,
+    )
+    .await?;
+    if returned_to_pool {
+        bump(
+            txn,
+            campaign_id,
+            id,
+            stats::Column::PacketsReturned,
+            stats::Column::AmountReturned,
+            amount,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Adds `(count, sum)` to one shard of a campaign's counters.
