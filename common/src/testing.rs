@@ -231,7 +231,8 @@ mod tests {
 pub struct PrivateRedis {
     pub port: u16,
     child: std::process::Child,
-    _dir: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
 }
 
 impl PrivateRedis {
@@ -245,7 +246,20 @@ impl PrivateRedis {
             .join("redpacket-tests")
             .join(format!("redis-{port}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("a directory for the private Redis");
-        let child = std::process::Command::new("redis-server")
+        let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let child = Self::spawn(port, &dir, &args);
+        let redis = PrivateRedis {
+            port,
+            child,
+            dir,
+            args,
+        };
+        redis.wait_answering().await;
+        redis
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, args: &[String]) -> std::process::Child {
+        std::process::Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -255,29 +269,42 @@ impl PrivateRedis {
                 "",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        let redis = PrivateRedis {
-            port,
-            child,
-            _dir: dir,
-        };
-        for _ in 0..200 {
-            if let Ok(client) = redis::Client::open(redis.url())
+            .expect("redis-server must be installed (scripts/test.sh installs it)")
+    }
+
+    async fn wait_answering(&self) {
+        // Loading a long append-only file takes a while: LOADING answers are not ready yet.
+        for _ in 0..1200 {
+            if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut connection) = client.get_multiplexed_async_connection().await
                 && redis::cmd("PING")
                     .query_async::<String>(&mut connection)
                     .await
                     .is_ok()
             {
-                return redis;
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("the private redis-server on port {port} did not start");
+        panic!("the private redis-server on port {} did not start", self.port);
+    }
+
+    /// SIGKILLs it: whatever it did not persist is gone, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, directory and settings (so from its append-only file
+    /// when it has one), after [`PrivateRedis::kill`] or a crash.
+    pub async fn start_again(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, &self.dir, &self.args);
+        self.wait_answering().await;
     }
 
     pub fn url(&self) -> String {

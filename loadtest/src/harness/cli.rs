@@ -105,6 +105,10 @@ pub struct RunArgs {
     /// less `-summary.json` [default: target/loadtest/<scenario>-summary.json].
     #[arg(long, value_name = "FILE", help_heading = "Reports")]
     pub summary: Option<PathBuf>,
+    /// Also write every grab answered 200 (campaign, user, claim, amount), one JSON object a
+    /// line, for checks of one's own after the run (the fault suite's per-user balances).
+    #[arg(long, value_name = "FILE", help_heading = "Reports")]
+    pub grants: Option<PathBuf>,
 
     /// Before the scenario, measure at the same concurrency the raw Redis grab script and
     /// `GET /v1/ping`, and report the scenario's throughput as ratios to both.

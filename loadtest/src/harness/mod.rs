@@ -154,6 +154,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<verify::Outcome> {
     .await;
     let facts = drain::collect_facts(&api, &ctx, &to_check, &tokens, args.verify_concurrency).await;
     let mut verdict = verify::evaluate(&facts);
+    if let Some(path) = &args.grants {
+        write_grants(path, &facts).with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Scenario::Soak(soak) = scenario
         && let Some(limit_mib) = soak.max_rss_growth_mib
     {
@@ -192,6 +195,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<verify::Outcome> {
     println!("{}", report.text());
     println!("{}", verify::table(&verdict));
     Ok(verdict.outcome)
+}
+
+/// Every grab answered 200, one JSON object a line.
+fn write_grants(path: &Path, facts: &verify::RunFacts) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for campaign in &facts.campaigns {
+        for granted in &campaign.granted {
+            let line = json!({"campaign_id": campaign.id, "grant": granted});
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// The closed model: goose runs the scenario; returns what the summary says of goose and the

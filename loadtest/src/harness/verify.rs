@@ -53,7 +53,7 @@ impl Unread {
 }
 
 /// A grab answered 200 during the run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Granted {
     pub claim_id: String,
     pub user_id: String,

@@ -1,0 +1,499 @@
+//! The fault suite: the distributed system as separate processes on real servers, a seckill
+//! through the gateway at a fixed rate (the load harness's open model), and faults during the
+//! load: services SIGKILLed and started again, RabbitMQ and Redis restarted, PostgreSQL stopped,
+//! replicas lost, proxies that delay, reset, lose answers and answer errors. After each
+//! scenario the system must converge within [`CONVERGE_WITHIN`], then every promise is checked:
+//!
+//! - the harness's verdict: every 200 grab recorded for its user with its amount, credited or
+//!   compensated once, no campaign over its packets or a user over the limit, the credited
+//!   sums, and the gateway's reconciliation (the ledger sums to zero, no account but `external`
+//!   negative, each escrow holds the unclaimed packets plus the claims in flight, no saga stuck);
+//! - each granted user's balance is the sum of their credited claims, and each of their 200
+//!   grabs is among their claims, credited or compensated, with the amount they were answered;
+//! - the campaign, once ended, settles with the exact refund: total − credited;
+//! - `redpacket reconcile` passes.
+//!
+//! A seed picks the faults' moments (`RP_FAULT_SEED` replays one); a failing run prints it with
+//! the command that replays it. Each scenario writes its row of RELIABILITY.md's table to
+//! `$CARGO_TARGET_DIR/faults/<scenario>.json` (`scripts/fault-suite.sh` prints the table).
+//! The suite restarts the local RabbitMQ: nextest runs each scenario alone
+//! (`.config/nextest.toml`).
+
+mod proxy;
+mod schedule;
+mod system;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use loadtest::harness::api::{Api, Tokens};
+use loadtest::harness::cli::Cli;
+use loadtest::harness::verify::Outcome;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+
+use proxy::Fault;
+use schedule::{Action, Link, Target, Timed, kills, moment};
+use system::{BIN, Shape, System};
+
+/// How long the load runs once the campaign is open; every fault ends inside it.
+const LOAD_MS: u64 = 14_000;
+/// Faults fall in this window of the load (from the campaign's opening).
+const FAULTS_FROM_MS: u64 = 1_000;
+const FAULTS_TO_MS: u64 = 12_000;
+/// Grabs a second asked of the gateway.
+const RATE: u64 = 100;
+/// More packets than grabs: the campaign is still live when the load ends, and ends by its
+/// time, with a refund of what was left.
+const PACKETS: u64 = 2_000;
+/// How long the campaign lasts from its opening.
+const CAMPAIGN_MS: u64 = 18_000;
+/// From the end of the last fault to every grab settled and the campaign refunded.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(120);
+
+/// What a scenario found, a row of RELIABILITY.md.
+#[derive(Debug, Default)]
+struct Report {
+    grabs_answered: u64,
+    faults: u64,
+    violations: Vec<String>,
+    converge_ms: u64,
+    /// How long the harness waited after the load for every grab to be settled.
+    drain_ms: u64,
+}
+
+async fn scenario(name: &str, shape: Shape, plan: impl FnOnce(&mut ChaCha8Rng) -> Vec<Timed>) {
+    let seed = schedule::seed();
+    let replay = format!(
+        "RP_FAULT_SEED={seed} cargo nextest run -p redpacket --test faults -E 'test(={name})'"
+    );
+    eprintln!("fault scenario {name}, seed {seed}; replay: {replay}");
+    let mut rng = schedule::rng(seed);
+    let plan = plan(&mut rng);
+    let started = Instant::now();
+    let mut system = System::start(name, shape).await;
+    let report = drive(&mut system, plan).await;
+    write_row(name, seed, &report, started.elapsed());
+    if !report.violations.is_empty() {
+        panic!(
+            "fault scenario {name} broke {} promise(s) (seed {seed}):\n- {}\nreplay: {replay}\n{}",
+            report.violations.len(),
+            report.violations.join("\n- "),
+            system.logs()
+        );
+    }
+}
+
+async fn drive(system: &mut System, plan: Vec<Timed>) -> Report {
+    let mut report = Report::default();
+    let url = system.url();
+    let summary = system.dir.join("summary.json");
+    let grants = system.dir.join("grants.jsonl");
+    let cli = Cli::try_parse_from([
+        "loadtest",
+        "seckill",
+        "--host",
+        &url,
+        "--data-dir",
+        &system.dir.display().to_string(),
+        "--model",
+        "open",
+        "--rate",
+        &RATE.to_string(),
+        "--ramp",
+        "1s",
+        "--run-time",
+        &format!("{}s", LOAD_MS / 1_000),
+        "--grabbers",
+        "5000",
+        "--packets",
+        &PACKETS.to_string(),
+        "--opens-in",
+        "1s",
+        "--campaign-duration",
+        &format!("{}s", CAMPAIGN_MS / 1_000),
+        "--drain-timeout",
+        &format!("{}s", CONVERGE_WITHIN.as_secs()),
+        "--summary",
+        &summary.display().to_string(),
+        "--grants",
+        &grants.display().to_string(),
+    ])
+    .expect("the harness's arguments");
+    let load = tokio::spawn(loadtest::harness::run(cli));
+
+    // The faults count from the campaign's opening, once the harness set it up.
+    let campaign_id = match wait_open(system).await {
+        Ok(id) => id,
+        Err(err) => {
+            report.violations.push(err);
+            return report;
+        }
+    };
+    let origin = Instant::now();
+    let done = schedule::run(system, origin, plan).await;
+    report.faults = done.faults;
+    for line in &done.log {
+        eprintln!("fault {line}");
+    }
+    let faults_ended = done.last_fault_end.unwrap_or(origin);
+
+    match load.await {
+        Ok(Ok(Outcome::Pass)) => {}
+        Ok(Ok(outcome)) => report.violations.push(format!(
+            "the harness's verdict is {outcome:?} (its table is in the test's output)"
+        )),
+        Ok(Err(err)) => report.violations.push(format!("the harness failed: {err:#}")),
+        Err(err) => report.violations.push(format!("the harness panicked: {err}")),
+    }
+    report.drain_ms = std::fs::read_to_string(&summary)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|summary| summary["drain"]["waited_ms"].as_u64())
+        .unwrap_or_default();
+    let secret = system.secret.as_bytes().to_vec();
+    let tokens = Tokens::new(&secret, None).expect("tokens");
+    let api = Api::new(&url, 16).expect("a client");
+    match settled(&api, &tokens, &campaign_id, faults_ended + CONVERGE_WITHIN).await {
+        Ok(stats) => {
+            let refund = stats.amount_total - stats.amount_credited;
+            if stats.amount_refunded != refund {
+                report.violations.push(format!(
+                    "campaign {campaign_id} refunded {} instead of total {} − credited {} = {refund}",
+                    stats.amount_refunded, stats.amount_total, stats.amount_credited
+                ));
+            }
+        }
+        Err(err) => report.violations.push(err),
+    }
+    report.converge_ms = u64::try_from(faults_ended.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    let granted = read_grants(&grants);
+    report.grabs_answered = granted.values().map(|claims| claims.len() as u64).sum();
+    report
+        .violations
+        .extend(check_users(&api, &tokens, &granted).await);
+    report.violations.extend(reconcile(system).await);
+    report
+}
+
+/// Waits until the harness's campaign is active; returns its id.
+async fn wait_open(system: &System) -> Result<String, String> {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(90) {
+        let seen: Option<Value> = match client
+            .get(format!("{}/reconciliation", system.saga_to_campaign.url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(answer) => answer.json().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(campaign) = seen.as_ref().and_then(|body| {
+            body["campaigns"]
+                .as_array()?
+                .iter()
+                .find(|c| c["status"] == "active")
+                .cloned()
+        }) {
+            return Ok(campaign["id"].as_str().unwrap_or_default().to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("the harness's campaign did not open within 90 s".into())
+}
+
+/// Waits until the campaign is settled; returns its stats then.
+async fn settled(
+    api: &Api,
+    tokens: &Tokens,
+    campaign_id: &str,
+    deadline: Instant,
+) -> Result<loadtest::harness::api::StatsView, String> {
+    let mut last = String::from("never read");
+    while Instant::now() < deadline {
+        match api.campaign(tokens.reader(), campaign_id).await {
+            Ok(campaign) if campaign.status == "settled" => {
+                return api
+                    .stats(tokens.reader(), campaign_id)
+                    .await
+                    .map_err(|err| format!("the stats of settled {campaign_id}: {err:#}"));
+            }
+            Ok(campaign) => last = campaign.status,
+            Err(err) => last = format!("{err:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!(
+        "campaign {campaign_id} not settled within {CONVERGE_WITHIN:?} of the last fault (last seen: {last})"
+    ))
+}
+
+/// The grabs answered 200: claim → amount, by user.
+fn read_grants(path: &std::path::Path) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let mut users: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let grant = &entry["grant"];
+        users
+            .entry(grant["user_id"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .insert(
+                grant["claim_id"].as_str().unwrap_or_default().to_owned(),
+                grant["amount"].as_i64().unwrap_or_default(),
+            );
+    }
+    users
+}
+
+/// Each granted user's balance is the sum of their credited claims, and each of their 200
+/// grabs is among those claims, settled, with the amount answered.
+async fn check_users(
+    api: &Api,
+    tokens: &Tokens,
+    granted: &BTreeMap<String, BTreeMap<String, i64>>,
+) -> Vec<String> {
+    let client = reqwest::Client::new();
+    futures::stream::iter(granted.iter())
+        .map(|(user, answered)| {
+            let client = &client;
+            async move {
+                let token = match tokens.user(user) {
+                    Ok(token) => token,
+                    Err(err) => return vec![format!("a token for {user}: {err:#}")],
+                };
+                let claims = match api.my_claims(&token).await {
+                    Ok(claims) => claims,
+                    Err(err) => return vec![format!("the claims of {user}: {err:#}")],
+                };
+                let wallet: Value = match client
+                    .get(api.url("/v1/me/wallet"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                {
+                    Ok(answer) => answer.json().await.unwrap_or(Value::Null),
+                    Err(err) => return vec![format!("the wallet of {user}: {err}")],
+                };
+                let mut found = Vec::new();
+                let credited: i64 = claims
+                    .iter()
+                    .filter(|claim| claim.status == "credited")
+                    .map(|claim| claim.amount)
+                    .sum();
+                if wallet["balance"].as_i64() != Some(credited) {
+                    found.push(format!(
+                        "user {user} holds {} but was credited {credited}",
+                        wallet["balance"]
+                    ));
+                }
+                let by_id: BTreeMap<&str, _> =
+                    claims.iter().map(|claim| (claim.id.as_str(), claim)).collect();
+                let ids: BTreeSet<&str> = by_id.keys().copied().collect();
+                if ids.len() != claims.len() {
+                    found.push(format!("user {user} has a claim listed twice"));
+                }
+                for (claim_id, amount) in answered {
+                    match by_id.get(claim_id.as_str()) {
+                        None => found.push(format!(
+                            "claim {claim_id} answered 200 to {user} is not among their claims"
+                        )),
+                        Some(claim) if claim.amount != *amount => found.push(format!(
+                            "claim {claim_id} of {user} is {} but was answered {amount}",
+                            claim.amount
+                        )),
+                        Some(claim) if claim.status != "credited" && claim.status != "compensated" => {
+                            found.push(format!(
+                                "claim {claim_id} of {user} is still {}",
+                                claim.status
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                found
+            }
+        })
+        .buffer_unordered(16)
+        .flat_map(futures::stream::iter)
+        .collect()
+        .await
+}
+
+/// `redpacket reconcile` against the gateway, as an operator runs it.
+async fn reconcile(system: &System) -> Vec<String> {
+    let output = tokio::process::Command::new(BIN)
+        .args(["reconcile", "--json", "--gateway", &system.url()])
+        .env("RP_AUTH_SECRET", &system.secret)
+        .output()
+        .await
+        .expect("redpacket reconcile runs");
+    if output.status.success() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "redpacket reconcile failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )]
+    }
+}
+
+fn write_row(name: &str, seed: u64, report: &Report, took: Duration) {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let dir = std::path::Path::new(&target).join("faults");
+    let _ = std::fs::create_dir_all(&dir);
+    let row = json!({
+        "scenario": name,
+        "seed": seed,
+        "runs": 1,
+        "grabs_answered": report.grabs_answered,
+        "faults_injected": report.faults,
+        "violations": report.violations.len(),
+        "violation_texts": report.violations,
+        "converge_ms": report.converge_ms,
+        "drain_ms": report.drain_ms,
+        "took_ms": u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        "at": redpacket_common::time::rfc3339(redpacket_common::time::now_ms()),
+    });
+    let _ = std::fs::write(dir.join(format!("{name}.json")), row.to_string());
+}
+
+const ONE: Shape = Shape {
+    campaigns: 1,
+    sagas: 1,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saga_worker_killed_mid_batch() {
+    scenario("saga_worker_killed_mid_batch", ONE, |rng| {
+        kills(rng, Target::Saga(0), 3, FAULTS_FROM_MS, FAULTS_TO_MS)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_killed_after_answering_grabs() {
+    scenario("campaign_killed_after_answering_grabs", ONE, |rng| {
+        kills(rng, Target::Campaign(0), 3, FAULTS_FROM_MS, FAULTS_TO_MS)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wallet_killed_mid_batch() {
+    scenario("wallet_killed_mid_batch", ONE, |rng| {
+        kills(rng, Target::Wallet, 3, FAULTS_FROM_MS, FAULTS_TO_MS)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateway_killed() {
+    scenario("gateway_killed", ONE, |rng| {
+        kills(rng, Target::Gateway, 3, FAULTS_FROM_MS, FAULTS_TO_MS)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_restarted() {
+    scenario("rabbitmq_restarted", ONE, |rng| {
+        vec![Timed {
+            at: moment(rng, FAULTS_FROM_MS, 5_000),
+            action: Action::RestartRabbitmq {
+                down_for: moment(rng, 1_000, 3_000),
+            },
+        }]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_from_its_aof() {
+    scenario("redis_restarted_from_its_aof", ONE, |rng| {
+        vec![Timed {
+            at: moment(rng, FAULTS_FROM_MS, 8_000),
+            action: Action::RestartRedis {
+                down_for: moment(rng, 200, 2_000),
+            },
+        }]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stopped_for_ten_seconds() {
+    scenario("postgres_stopped_for_ten_seconds", ONE, |rng| {
+        vec![Timed {
+            at: moment(rng, FAULTS_FROM_MS, 2_000),
+            action: Action::StopPostgres {
+                down_for: Duration::from_secs(10),
+            },
+        }]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_of_two_replicas_killed() {
+    let two = Shape {
+        campaigns: 2,
+        sagas: 2,
+    };
+    scenario("one_of_two_replicas_killed", two, |rng| {
+        let (saga, campaign) = (rng.random_range(0..2), rng.random_range(0..2));
+        vec![
+            Timed {
+                at: moment(rng, FAULTS_FROM_MS, 6_000),
+                action: Action::KillForGood(Target::Saga(saga)),
+            },
+            Timed {
+                at: moment(rng, 6_000, FAULTS_TO_MS),
+                action: Action::KillForGood(Target::Campaign(campaign)),
+            },
+        ]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_delay_reset_lose_and_refuse() {
+    scenario("proxies_delay_reset_lose_and_refuse", ONE, |rng| {
+        let links = [
+            Link::GatewayToCampaign,
+            Link::GatewayToWallet,
+            Link::GatewayToSaga,
+            Link::SagaToWallet,
+            Link::SagaToCampaign,
+        ];
+        // One window after another, each a fault on one link.
+        let mut plan = Vec::new();
+        let mut at = FAULTS_FROM_MS;
+        while at < FAULTS_TO_MS - 1_500 {
+            let link = links[rng.random_range(0..links.len())];
+            let fault = match rng.random_range(0..5) {
+                0 => Fault::Latency(moment(rng, 50, 300)),
+                1 => Fault::Reset,
+                2 => Fault::LoseAnswers,
+                3 => Fault::Status([500, 502, 503, 504][rng.random_range(0..4)]),
+                _ => Fault::Status([400, 404, 408, 429][rng.random_range(0..4)]),
+            };
+            let lasts = moment(rng, 300, 1_500);
+            plan.push(Timed {
+                at: Duration::from_millis(at),
+                action: Action::Proxy { link, fault, lasts },
+            });
+            at += u64::try_from(lasts.as_millis()).unwrap_or(0) + rng.random_range(100..700);
+        }
+        plan
+    })
+    .await;
+}
