@@ -32,6 +32,7 @@ use loadtest::harness::api::{Api, Tokens};
 use loadtest::harness::cli::Cli;
 use loadtest::harness::verify::Outcome;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
@@ -65,26 +66,42 @@ struct Report {
     drain_ms: u64,
 }
 
-async fn scenario(name: &str, shape: Shape, plan: impl FnOnce(&mut ChaCha8Rng) -> Vec<Timed>) {
-    let seed = schedule::seed();
-    let replay = format!(
-        "RP_FAULT_SEED={seed} cargo nextest run -p redpacket --test faults -E 'test(={name})'"
-    );
-    eprintln!("fault scenario {name}, seed {seed}; replay: {replay}");
-    let mut rng = schedule::rng(seed);
-    let plan = plan(&mut rng);
+/// Runs a scenario `RP_FAULT_RUNS` times (default once), each on a fresh system with the next
+/// seed, and fails on the first run that broke a promise.
+async fn scenario(name: &str, shape: Shape, plan: impl Fn(&mut ChaCha8Rng) -> Vec<Timed>) {
+    let first_seed = schedule::seed();
+    let runs: u64 = std::env::var("RP_FAULT_RUNS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(1);
+    let mut total = Report::default();
     let started = Instant::now();
-    let mut system = System::start(name, shape).await;
-    let report = drive(&mut system, plan).await;
-    write_row(name, seed, &report, started.elapsed());
-    if !report.violations.is_empty() {
-        panic!(
-            "fault scenario {name} broke {} promise(s) (seed {seed}):\n- {}\nreplay: {replay}\n{}",
-            report.violations.len(),
-            report.violations.join("\n- "),
-            system.logs()
+    for run in 0..runs {
+        let seed = first_seed.wrapping_add(run);
+        let replay = format!(
+            "RP_FAULT_SEED={seed} cargo nextest run -p redpacket --test faults -E 'test(={name})'"
         );
+        eprintln!("fault scenario {name}, run {} of {runs}, seed {seed}; replay: {replay}", run + 1);
+        let mut rng = schedule::rng(seed);
+        let plan = plan(&mut rng);
+        let mut system = System::start(name, shape).await;
+        let report = drive(&mut system, plan).await;
+        total.grabs_answered += report.grabs_answered;
+        total.faults += report.faults;
+        total.converge_ms = total.converge_ms.max(report.converge_ms);
+        total.drain_ms = total.drain_ms.max(report.drain_ms);
+        total.violations.extend(report.violations.iter().cloned());
+        if !report.violations.is_empty() {
+            write_row(name, first_seed, run + 1, &total, started.elapsed());
+            panic!(
+                "fault scenario {name} broke {} promise(s) (seed {seed}):\n- {}\nreplay: {replay}\n{}",
+                report.violations.len(),
+                report.violations.join("\n- "),
+                system.logs()
+            );
+        }
     }
+    write_row(name, first_seed, runs, &total, started.elapsed());
 }
 
 async fn drive(system: &mut System, plan: Vec<Timed>) -> Report {
@@ -346,14 +363,14 @@ async fn reconcile(system: &System) -> Vec<String> {
     }
 }
 
-fn write_row(name: &str, seed: u64, report: &Report, took: Duration) {
+fn write_row(name: &str, seed: u64, runs: u64, report: &Report, took: Duration) {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let dir = std::path::Path::new(&target).join("faults");
     let _ = std::fs::create_dir_all(&dir);
     let row = json!({
         "scenario": name,
         "seed": seed,
-        "runs": 1,
+        "runs": runs,
         "grabs_answered": report.grabs_answered,
         "faults_injected": report.faults,
         "violations": report.violations.len(),
@@ -474,24 +491,27 @@ async fn proxies_delay_reset_lose_and_refuse() {
             Link::SagaToWallet,
             Link::SagaToCampaign,
         ];
-        // One window after another, each a fault on one link.
+        // One window after another, each a fault on one link; every kind of fault twice, in
+        // an order of the seed's.
+        let mut kinds: Vec<u8> = (0..5).chain(0..5).collect();
+        kinds.shuffle(rng);
         let mut plan = Vec::new();
         let mut at = FAULTS_FROM_MS;
-        while at < FAULTS_TO_MS - 1_500 {
+        for kind in kinds {
             let link = links[rng.random_range(0..links.len())];
-            let fault = match rng.random_range(0..5) {
+            let fault = match kind {
                 0 => Fault::Latency(moment(rng, 50, 300)),
                 1 => Fault::Reset,
                 2 => Fault::LoseAnswers,
                 3 => Fault::Status([500, 502, 503, 504][rng.random_range(0..4)]),
                 _ => Fault::Status([400, 404, 408, 429][rng.random_range(0..4)]),
             };
-            let lasts = moment(rng, 300, 1_500);
+            let lasts = moment(rng, 300, 900);
             plan.push(Timed {
                 at: Duration::from_millis(at),
                 action: Action::Proxy { link, fault, lasts },
             });
-            at += u64::try_from(lasts.as_millis()).unwrap_or(0) + rng.random_range(100..700);
+            at += u64::try_from(lasts.as_millis()).unwrap_or(0) + rng.random_range(50..200);
         }
         plan
     })

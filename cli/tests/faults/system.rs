@@ -146,10 +146,10 @@ impl PrivatePostgres {
 
     /// Starts the server (again); returns once it accepts connections.
     pub async fn start_again(&self) {
+        // The socket in /tmp: a Unix socket's path may not pass 107 bytes; the port names it.
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
-            self.port,
-            self.data.parent().unwrap().display()
+            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
+            self.port
         );
         let log = self.data.parent().unwrap().join("postgres.log");
         self.ctl_command(
