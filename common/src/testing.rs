@@ -290,7 +290,10 @@ impl PrivateRedis {
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("the private redis-server on port {} did not start", self.port);
+        panic!(
+            "the private redis-server on port {} did not start",
+            self.port
+        );
     }
 
     /// SIGKILLs it: whatever it did not persist is gone, as in a crash.

@@ -81,11 +81,14 @@ async fn scenario(name: &str, shape: Shape, plan: impl Fn(&mut ChaCha8Rng) -> Ve
         let replay = format!(
             "RP_FAULT_SEED={seed} cargo nextest run -p redpacket --test faults -E 'test(={name})'"
         );
-        eprintln!("fault scenario {name}, run {} of {runs}, seed {seed}; replay: {replay}", run + 1);
+        eprintln!(
+            "fault scenario {name}, run {} of {runs}, seed {seed}; replay: {replay}",
+            run + 1
+        );
         let mut rng = schedule::rng(seed);
         let plan = plan(&mut rng);
         let mut system = System::start(name, shape).await;
-        let report = drive(&mut system, plan).await;
+        let report = drive(&mut system, plan, false).await;
         total.grabs_answered += report.grabs_answered;
         total.faults += report.faults;
         total.converge_ms = total.converge_ms.max(report.converge_ms);
@@ -104,7 +107,10 @@ async fn scenario(name: &str, shape: Shape, plan: impl Fn(&mut ChaCha8Rng) -> Ve
     write_row(name, first_seed, runs, &total, started.elapsed());
 }
 
-async fn drive(system: &mut System, plan: Vec<Timed>) -> Report {
+/// Runs the load with `plan`'s faults, waits for the system to converge and checks it. With
+/// `plant`, one unit is credited to a granted user behind the saga's back before the checks,
+/// which must find it.
+async fn drive(system: &mut System, plan: Vec<Timed>, plant: bool) -> Report {
     let mut report = Report::default();
     let url = system.url();
     let summary = system.dir.join("summary.json");
@@ -163,8 +169,12 @@ async fn drive(system: &mut System, plan: Vec<Timed>) -> Report {
         Ok(Ok(outcome)) => report.violations.push(format!(
             "the harness's verdict is {outcome:?} (its table is in the test's output)"
         )),
-        Ok(Err(err)) => report.violations.push(format!("the harness failed: {err:#}")),
-        Err(err) => report.violations.push(format!("the harness panicked: {err}")),
+        Ok(Err(err)) => report
+            .violations
+            .push(format!("the harness failed: {err:#}")),
+        Err(err) => report
+            .violations
+            .push(format!("the harness panicked: {err}")),
     }
     report.drain_ms = std::fs::read_to_string(&summary)
         .ok()
@@ -189,6 +199,19 @@ async fn drive(system: &mut System, plan: Vec<Timed>) -> Report {
     report.converge_ms = u64::try_from(faults_ended.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     let granted = read_grants(&grants);
+    if plant && let Some(user) = granted.keys().next() {
+        let planted = reqwest::Client::new()
+            .post(format!("{}/transfers", system.wallet.url()))
+            .json(&json!({"id": "planted-credit", "debit": "external",
+                          "credit": format!("user:{user}"), "amount": 1, "currency": "CNY"}))
+            .send()
+            .await
+            .map(|answer| answer.status());
+        assert!(
+            matches!(planted, Ok(status) if status.is_success()),
+            "planting a credit: {planted:?}"
+        );
+    }
     report.grabs_answered = granted.values().map(|claims| claims.len() as u64).sum();
     report
         .violations
@@ -311,8 +334,10 @@ async fn check_users(
                         wallet["balance"]
                     ));
                 }
-                let by_id: BTreeMap<&str, _> =
-                    claims.iter().map(|claim| (claim.id.as_str(), claim)).collect();
+                let by_id: BTreeMap<&str, _> = claims
+                    .iter()
+                    .map(|claim| (claim.id.as_str(), claim))
+                    .collect();
                 let ids: BTreeSet<&str> = by_id.keys().copied().collect();
                 if ids.len() != claims.len() {
                     found.push(format!("user {user} has a claim listed twice"));
@@ -326,7 +351,9 @@ async fn check_users(
                             "claim {claim_id} of {user} is {} but was answered {amount}",
                             claim.amount
                         )),
-                        Some(claim) if claim.status != "credited" && claim.status != "compensated" => {
+                        Some(claim)
+                            if claim.status != "credited" && claim.status != "compensated" =>
+                        {
                             found.push(format!(
                                 "claim {claim_id} of {user} is still {}",
                                 claim.status
@@ -516,4 +543,18 @@ async fn proxies_delay_reset_lose_and_refuse() {
         plan
     })
     .await;
+}
+
+/// The checks are not vacuous: a credit the saga never made, planted after a clean run, is
+/// found (and only it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checks_find_a_planted_credit() {
+    let mut system = System::start("planted", ONE).await;
+    let report = drive(&mut system, Vec::new(), true).await;
+    assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+    assert!(
+        report.violations[0].contains("holds") && report.violations[0].contains("was credited"),
+        "{:#?}",
+        report.violations
+    );
 }

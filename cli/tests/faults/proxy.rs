@@ -144,64 +144,64 @@ async fn carry(state: Arc<State>, client: TcpStream) {
     let (mut from_backend, mut to_backend) = backend.into_split();
     // In a block of their own, so their borrows of the halves end before the halves reunite.
     let ending = {
-    let requests = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let read = match from_client.read(&mut buffer).await {
-                Ok(0) | Err(_) => return Ending::Closed,
-                Ok(read) => read,
-            };
-            match state.fault() {
-                Fault::Reset => {
-                    state.count();
-                    return Ending::Reset;
+        let requests = async {
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let read = match from_client.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return Ending::Closed,
+                    Ok(read) => read,
+                };
+                match state.fault() {
+                    Fault::Reset => {
+                        state.count();
+                        return Ending::Reset;
+                    }
+                    Fault::Status(status) => {
+                        state.count();
+                        return Ending::Answer(status);
+                    }
+                    Fault::Latency(delay) => {
+                        state.count();
+                        tokio::time::sleep(delay).await;
+                    }
+                    Fault::Pass | Fault::LoseAnswers => {}
                 }
-                Fault::Status(status) => {
-                    state.count();
-                    return Ending::Answer(status);
+                if to_backend.write_all(&buffer[..read]).await.is_err() {
+                    return Ending::Closed;
                 }
-                Fault::Latency(delay) => {
-                    state.count();
-                    tokio::time::sleep(delay).await;
-                }
-                Fault::Pass | Fault::LoseAnswers => {}
             }
-            if to_backend.write_all(&buffer[..read]).await.is_err() {
-                return Ending::Closed;
+        };
+        let answers = async {
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let read = match from_backend.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return Ending::Closed,
+                    Ok(read) => read,
+                };
+                match state.fault() {
+                    Fault::Reset => {
+                        state.count();
+                        return Ending::Reset;
+                    }
+                    Fault::LoseAnswers => {
+                        state.count();
+                        return Ending::Reset;
+                    }
+                    Fault::Latency(delay) => {
+                        state.count();
+                        tokio::time::sleep(delay).await;
+                    }
+                    Fault::Pass | Fault::Status(_) => {}
+                }
+                if to_client.write_all(&buffer[..read]).await.is_err() {
+                    return Ending::Closed;
+                }
             }
+        };
+        tokio::select! {
+            ending = requests => ending,
+            ending = answers => ending,
         }
-    };
-    let answers = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let read = match from_backend.read(&mut buffer).await {
-                Ok(0) | Err(_) => return Ending::Closed,
-                Ok(read) => read,
-            };
-            match state.fault() {
-                Fault::Reset => {
-                    state.count();
-                    return Ending::Reset;
-                }
-                Fault::LoseAnswers => {
-                    state.count();
-                    return Ending::Reset;
-                }
-                Fault::Latency(delay) => {
-                    state.count();
-                    tokio::time::sleep(delay).await;
-                }
-                Fault::Pass | Fault::Status(_) => {}
-            }
-            if to_client.write_all(&buffer[..read]).await.is_err() {
-                return Ending::Closed;
-            }
-        }
-    };
-    tokio::select! {
-        ending = requests => ending,
-        ending = answers => ending,
-    }
     };
     let (Ok(mut client), Ok(backend)) = (
         from_client.reunite(to_client),

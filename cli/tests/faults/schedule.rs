@@ -31,14 +31,23 @@ pub enum Link {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// SIGKILL, then start it again after `down_for`.
-    Kill { target: Target, down_for: Duration },
+    Kill {
+        target: Target,
+        down_for: Duration,
+    },
     /// SIGKILL and leave it dead: its replica carries on.
     KillForGood(Target),
-    RestartRabbitmq { down_for: Duration },
+    RestartRabbitmq {
+        down_for: Duration,
+    },
     /// SIGKILL Redis, start it again from its append-only file after `down_for`.
-    RestartRedis { down_for: Duration },
+    RestartRedis {
+        down_for: Duration,
+    },
     /// Stop PostgreSQL at once, start it again after `down_for`.
-    StopPostgres { down_for: Duration },
+    StopPostgres {
+        down_for: Duration,
+    },
     /// Set a fault on a link for a while.
     Proxy {
         link: Link,
@@ -124,9 +133,7 @@ pub async fn run(system: &mut System, origin: Instant, mut plan: Vec<Timed>) -> 
                 done.faults += 1;
             }
             Action::RestartRabbitmq { down_for } => {
-                restart_rabbitmq(down_for)
-                    .await
-                    .expect("RabbitMQ restarts");
+                restart_rabbitmq(down_for).await.expect("RabbitMQ restarts");
                 done.faults += 1;
             }
             Action::RestartRedis { down_for } => {

@@ -32,10 +32,9 @@ pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join("redpacket-tests").join(format!(
-            "faults-{name}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let dir = std::env::temp_dir()
+            .join("redpacket-tests")
+            .join(format!("faults-{name}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
         Scratch(dir)
     }
@@ -236,7 +235,16 @@ impl Vhost {
             .expect("rabbitmqctl adds a vhost (scripts/test.sh installs RabbitMQ)");
         run(
             "rabbitmqctl",
-            &["-q", "set_permissions", "-p", &name, "guest", ".*", ".*", ".*"],
+            &[
+                "-q",
+                "set_permissions",
+                "-p",
+                &name,
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
         )
         .await
         .expect("permissions on the vhost");
@@ -246,7 +254,9 @@ impl Vhost {
     pub fn url(&self) -> String {
         let base = std::env::var("RP_TEST_AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let host = base.rsplit_once('/').map_or(base.as_str(), |(host, _)| host);
+        let host = base
+            .rsplit_once('/')
+            .map_or(base.as_str(), |(host, _)| host);
         format!("{host}/{}", self.name)
     }
 }
