@@ -558,3 +558,59 @@ async fn the_checks_find_a_planted_credit() {
         report.violations
     );
 }
+
+/// Every kind of fault, mixed by the seed, on two replicas of the scaled services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bit_of_everything() {
+    let two = Shape {
+        campaigns: 2,
+        sagas: 2,
+    };
+    scenario("a_bit_of_everything", two, |rng| {
+        let mut plan = Vec::new();
+        let mut at = FAULTS_FROM_MS;
+        while at < FAULTS_TO_MS - 2_000 {
+            let down_for = moment(rng, 200, 1_500);
+            let action = match rng.random_range(0..8) {
+                0 => Action::Kill {
+                    target: Target::Saga(rng.random_range(0..2)),
+                    down_for,
+                },
+                1 => Action::Kill {
+                    target: Target::Campaign(rng.random_range(0..2)),
+                    down_for,
+                },
+                2 => Action::Kill {
+                    target: Target::Wallet,
+                    down_for,
+                },
+                3 => Action::Kill {
+                    target: Target::Gateway,
+                    down_for,
+                },
+                4 => Action::RestartRabbitmq { down_for },
+                5 => Action::RestartRedis { down_for },
+                6 => Action::StopPostgres {
+                    down_for: moment(rng, 1_000, 4_000),
+                },
+                _ => Action::Proxy {
+                    link: [
+                        Link::GatewayToCampaign,
+                        Link::SagaToWallet,
+                        Link::SagaToCampaign,
+                    ][rng.random_range(0..3)],
+                    fault: [Fault::Reset, Fault::LoseAnswers, Fault::Status(503)]
+                        [rng.random_range(0..3)],
+                    lasts: down_for,
+                },
+            };
+            plan.push(Timed {
+                at: Duration::from_millis(at),
+                action,
+            });
+            at += rng.random_range(1_500..3_000);
+        }
+        plan
+    })
+    .await;
+}
