@@ -142,66 +142,9 @@ async fn carry(state: Arc<State>, client: TcpStream) {
     };
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_backend, mut to_backend) = backend.into_split();
-    // In a block of their own, so their borrows of the halves end before the halves reunite.
-    let ending = {
-        let requests = async {
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let read = match from_client.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return Ending::Closed,
-                    Ok(read) => read,
-                };
-                match state.fault() {
-                    Fault::Reset => {
-                        state.count();
-                        return Ending::Reset;
-                    }
-                    Fault::Status(status) => {
-                        state.count();
-                        return Ending::Answer(status);
-                    }
-                    Fault::Latency(delay) => {
-                        state.count();
-                        tokio::time::sleep(delay).await;
-                    }
-                    Fault::Pass | Fault::LoseAnswers => {}
-                }
-                if to_backend.write_all(&buffer[..read]).await.is_err() {
-                    return Ending::Closed;
-                }
-            }
-        };
-        let answers = async {
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let read = match from_backend.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return Ending::Closed,
-                    Ok(read) => read,
-                };
-                match state.fault() {
-                    Fault::Reset => {
-                        state.count();
-                        return Ending::Reset;
-                    }
-                    Fault::LoseAnswers => {
-                        state.count();
-                        return Ending::Reset;
-                    }
-                    Fault::Latency(delay) => {
-                        state.count();
-                        tokio::time::sleep(delay).await;
-                    }
-                    Fault::Pass | Fault::Status(_) => {}
-                }
-                if to_client.write_all(&buffer[..read]).await.is_err() {
-                    return Ending::Closed;
-                }
-            }
-        };
-        tokio::select! {
-            ending = requests => ending,
-            ending = answers => ending,
-        }
+    let ending = tokio::select! {
+        ending = pump(&state, &mut from_client, &mut to_backend, Way::Requests) => ending,
+        ending = pump(&state, &mut from_backend, &mut to_client, Way::Answers) => ending,
     };
     let (Ok(mut client), Ok(backend)) = (
         from_client.reunite(to_client),
@@ -218,6 +161,45 @@ async fn carry(state: Arc<State>, client: TcpStream) {
         Ending::Answer(status) => {
             let _ = client.write_all(&page(status)).await;
             let _ = client.shutdown().await;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Requests,
+    Answers,
+}
+
+/// Carries one way of a connection until it ends or a fault ends it.
+async fn pump(
+    state: &State,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    way: Way,
+) -> Ending {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return Ending::Closed,
+            Ok(read) => read,
+        };
+        let ending = match (state.fault(), way) {
+            (Fault::Reset, _) | (Fault::LoseAnswers, Way::Answers) => Some(Ending::Reset),
+            (Fault::Status(status), Way::Requests) => Some(Ending::Answer(status)),
+            (Fault::Latency(delay), _) => {
+                state.count();
+                tokio::time::sleep(delay).await;
+                None
+            }
+            _ => None,
+        };
+        if let Some(ending) = ending {
+            state.count();
+            return ending;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return Ending::Closed;
         }
     }
 }
