@@ -664,7 +664,24 @@ impl SagaApi {
             repaired,
             action,
         };
-        let Some(saga) = self.store.get(&saga_id).await.map_err(store_failure)? else {
+        let saga = self.store.get(&saga_id).await.map_err(store_failure)?;
+        if saga
+            .as_ref()
+            .is_none_or(|saga| !crate::store::state::is_terminal(&saga.state))
+            && let Some(letter) = self
+                .store
+                .waiting_letter_of(&saga_id)
+                .await
+                .map_err(store_failure)?
+        {
+            // Given up (out of retries, or waiting past its bound): its dead letter is replayed,
+            // which marks it, so the next repair does not replay it again.
+            let outcome = self.replay_letter(&letter).await?;
+            let mut replayed = replayed(&saga_id, &outcome);
+            replayed.kind = kind.to_owned();
+            return Ok(Some(replayed));
+        }
+        let Some(saga) = saga else {
             let envelope = Envelope::new(format!("repair:{saga_id}"), None, event);
             return Ok(Some(match self.publish(&envelope).await {
                 Ok(()) => finding(true, "no saga had started: started it".to_owned()),
@@ -672,20 +689,8 @@ impl SagaApi {
             }));
         };
         if saga.state == crate::store::state::STUCK {
-            let letter = self
-                .store
-                .waiting_letter_of(&saga_id)
-                .await
-                .map_err(store_failure)?;
-            return Ok(Some(match letter {
-                Some(letter) => {
-                    let outcome = self.replay_letter(&letter).await?;
-                    let mut replayed = replayed(&saga_id, &outcome);
-                    replayed.kind = kind.to_owned();
-                    replayed
-                }
-                None => self.republish(kind, &saga).await,
-            }));
+            // Stuck with no letter waiting (replayed already, and lost again): sent afresh.
+            return Ok(Some(self.republish(kind, &saga).await));
         }
         if saga.state == crate::store::state::RUNNING {
             // Moving (or waiting for a retry) unless it made no progress for the bound.
