@@ -120,9 +120,10 @@ impl Api {
             let findings = body["findings"].as_array().cloned().unwrap_or_default();
             let found_any = !findings.is_empty();
             outcome.findings.extend(findings);
-            outcome.more = body["more"] == true;
-            // A call that found nothing would find nothing again: stop there.
-            if !outcome.more || !found_any {
+            // A call that found nothing would find nothing again: what it left beyond its
+            // bound is moving on its own (sagas in flight), not for this run.
+            outcome.more = body["more"] == true && found_any;
+            if !outcome.more {
                 break;
             }
         }

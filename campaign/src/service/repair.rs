@@ -69,6 +69,19 @@ pub struct RepairReport {
     pub more: bool,
 }
 
+/// A repair call's bounds: its items and its time.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    started: Instant,
+    limit: usize,
+}
+
+impl Bound {
+    fn reached(self, report: &RepairReport) -> bool {
+        report.items() >= self.limit || self.started.elapsed() >= REPAIR_TIME_BUDGET
+    }
+}
+
 impl RepairReport {
     fn items(&self) -> usize {
         self.findings.len() + self.pending_claims.len() + self.ended_campaigns.len()
@@ -102,11 +115,12 @@ impl CampaignService {
         let before_ms = now_ms() - options.min_age_ms.max(0);
         let mut report = RepairReport::default();
         for campaign in self.store.unsettled_campaigns(MAX_REPAIR_CAMPAIGNS).await? {
-            if report.items() >= limit || started.elapsed() >= REPAIR_TIME_BUDGET {
+            let bound = Bound { started, limit };
+            if bound.reached(&report) {
                 report.more = true;
                 break;
             }
-            self.repair_campaign(&campaign, before_ms, &mut report)
+            self.repair_campaign(&campaign, before_ms, bound, &mut report)
                 .await?;
             let room = u64::try_from(limit.saturating_sub(report.items())).unwrap_or(0);
             if room > 0 {
@@ -131,6 +145,7 @@ impl CampaignService {
         &self,
         campaign: &campaign::Model,
         before_ms: i64,
+        bound: Bound,
         report: &mut RepairReport,
     ) -> Result<(), CampaignError> {
         let pool = pool_campaign(campaign);
@@ -157,8 +172,11 @@ impl CampaignService {
                 return Ok(());
             }
         };
-        self.record_unrecorded(campaign, &inventory, before_ms, report)
+        self.record_unrecorded(campaign, &inventory, before_ms, bound, report)
             .await?;
+        if report.more {
+            return Ok(());
+        }
         if !live || campaign.pool_state != pool_state::LOADED {
             // An ended campaign's pool only answers stats; its packets are the refund's.
             return Ok(());
@@ -257,6 +275,7 @@ impl CampaignService {
         campaign: &campaign::Model,
         inventory: &PoolInventory,
         before_ms: i64,
+        bound: Bound,
         report: &mut RepairReport,
     ) -> Result<(), CampaignError> {
         for pending in inventory
@@ -264,6 +283,10 @@ impl CampaignService {
             .iter()
             .filter(|pending| pending.grabbed_at_ms < before_ms)
         {
+            if bound.reached(report) {
+                report.more = true;
+                return Ok(());
+            }
             if self.store.claim(&pending.claim_id).await?.is_some() {
                 // Recorded; only its pending copy was left behind.
                 self.pool
