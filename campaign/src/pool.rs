@@ -140,7 +140,11 @@ pub enum Mend {
     Add { seq: u32, amount: i64 },
     /// A packet a claim holds is in a bucket: it leaves, unless that claim's packet was
     /// returned meanwhile (a compensation racing the repair).
-    Held { seq: u32, amount: i64, claim: String },
+    Held {
+        seq: u32,
+        amount: i64,
+        claim: String,
+    },
     /// An item that is no packet of the campaign (unknown seq or another amount): it leaves.
     Foreign { seq: u32, amount: i64 },
     /// A packet no claim holds is in the buckets more than once: one copy stays.
@@ -931,7 +935,19 @@ impl PacketPool for RedisPool {
                 "the pool holds {} packets and pending claims, more than the {max_items} a repair reads at once",
                 text(total)?
             ))),
-            ("ok", [_, state, left, left_amount, mends, returns, packets, pending]) => {
+            (
+                "ok",
+                [
+                    _,
+                    state,
+                    left,
+                    left_amount,
+                    mends,
+                    returns,
+                    packets,
+                    pending,
+                ],
+            ) => {
                 let items: Vec<String> = redis::from_redis_value_ref(packets).map_err(protocol)?;
                 let mut inventory = PoolInventory {
                     state: text(state)?,

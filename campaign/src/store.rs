@@ -430,7 +430,10 @@ impl Store {
 
     /// Campaigns not settled (live, ended or cancelled), oldest first: the ones a repair
     /// looks at.
-    pub async fn unsettled_campaigns(&self, limit: u64) -> Result<Vec<campaign::Model>, StoreError> {
+    pub async fn unsettled_campaigns(
+        &self,
+        limit: u64,
+    ) -> Result<Vec<campaign::Model>, StoreError> {
         Ok(campaign::Entity::find()
             .filter(campaign::Column::Status.is_in([
                 status::SCHEDULED,

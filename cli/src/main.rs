@@ -294,7 +294,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if left > 0 || repaired.more {
                     anyhow::bail!(
                         "{left} finding(s) left unrepaired{}",
-                        if repaired.more { ", and more to look at" } else { "" }
+                        if repaired.more {
+                            ", and more to look at"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }

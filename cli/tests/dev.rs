@@ -260,7 +260,11 @@ async fn reconcile_repair_settles_a_campaign_whose_refund_was_lost_and_then_find
     };
     let clean = repair(&dir);
     let printed = String::from_utf8_lossy(&clean.stdout).into_owned();
-    assert!(clean.status.success(), "{printed}\n{}", String::from_utf8_lossy(&clean.stderr));
+    assert!(
+        clean.status.success(),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
     assert!(printed.contains("nothing to repair"), "{printed}");
 
     let merchant = key(&dir)
@@ -318,7 +322,10 @@ async fn reconcile_repair_settles_a_campaign_whose_refund_was_lost_and_then_find
     }
     assert_eq!(campaign["status"], "settled", "{campaign}");
     let wallet = get(&format!("{}/v1/merchants/me/wallet", dev.url), &merchant).await;
-    assert_eq!(wallet["balance"], 10_000_000, "every packet went back to the merchant");
+    assert_eq!(
+        wallet["balance"], 10_000_000,
+        "every packet went back to the merchant"
+    );
 
     let again = repair(&dir);
     let printed = String::from_utf8_lossy(&again.stdout).into_owned();

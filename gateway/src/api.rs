@@ -22,8 +22,8 @@ use redpacket_wallet::api::EntryPageView;
 use serde::Deserialize;
 
 use crate::dto::{
-    BreakerList, BreakerView, NewCampaign, Pong, Reconciliation, RepairBody, RepairReport, TopupBody,
-    TopupResult, WalletView,
+    BreakerList, BreakerView, NewCampaign, Pong, Reconciliation, RepairBody, RepairReport,
+    TopupBody, TopupResult, WalletView,
 };
 use crate::error::{GatewayError, forbidden_role, rate_limited};
 use crate::payload::Raw;

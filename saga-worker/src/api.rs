@@ -378,10 +378,7 @@ impl SagaApi {
     /// them and 5 s a call. Every step is idempotent by its transfer id (`grab:{claim}`,
     /// `refund:{campaign}`), so a saga driven twice moves money once. One repair at a time.
     #[oai(path = "/repair", method = "post", tag = "ApiTags::Sagas")]
-    async fn repair(
-        &self,
-        body: Json<SagaRepairBody>,
-    ) -> Result<Json<SagaRepairReport>, Problem> {
+    async fn repair(&self, body: Json<SagaRepairBody>) -> Result<Json<SagaRepairReport>, Problem> {
         let body = body.0;
         let limit = body.limit.unwrap_or(100);
         if !(1..=MAX_REPAIR_ITEMS).contains(&limit) {
@@ -491,7 +488,9 @@ impl SagaApi {
             if !seen.insert(saga.id.clone()) {
                 continue;
             }
-            report.findings.push(self.republish("saga_stalled", &saga).await);
+            report
+                .findings
+                .push(self.republish("saga_stalled", &saga).await);
         }
         Ok(Json(report))
     }

@@ -168,7 +168,11 @@ impl CampaignService {
                 return Ok(());
             }
             Inventory::NotInspected(reason) => {
-                tracing::info!(campaign = campaign.id, reason, "pool not inspected by the repair");
+                tracing::info!(
+                    campaign = campaign.id,
+                    reason,
+                    "pool not inspected by the repair"
+                );
                 return Ok(());
             }
         };
@@ -184,7 +188,8 @@ impl CampaignService {
         // Read again: the claims just recorded are the database's now, their pending copies
         // gone. The database is read after the pool, so a packet the pool holds in no bucket
         // and no pending claim is either held by a recorded claim or truly missing.
-        let Inventory::Held(inventory) = self.pool.inventory(&pool, MAX_INSPECTED_POOL_ITEMS).await?
+        let Inventory::Held(inventory) =
+            self.pool.inventory(&pool, MAX_INSPECTED_POOL_ITEMS).await?
         else {
             return Ok(());
         };
@@ -238,7 +243,11 @@ impl CampaignService {
                 drift.0, drift.1
             ));
         }
-        let finding = match self.pool.mend(&pool, &inventory.version, drift, &mends).await? {
+        let finding = match self
+            .pool
+            .mend(&pool, &inventory.version, drift, &mends)
+            .await?
+        {
             MendOutcome::Mended { added, removed } => {
                 tracing::warn!(campaign = campaign.id, added, removed, "packet pool mended");
                 Finding {
@@ -310,9 +319,7 @@ impl CampaignService {
                 .await
             {
                 Ok(claim) => {
-                    self.pool
-                        .forget_pending(campaign.id, &[&claim.id])
-                        .await?;
+                    self.pool.forget_pending(campaign.id, &[&claim.id]).await?;
                     Finding {
                         kind: "claim_unrecorded",
                         id: claim.id,
@@ -329,7 +336,9 @@ impl CampaignService {
                     kind: "claim_unrecorded",
                     id: pending.claim_id.clone(),
                     repaired: false,
-                    action: format!("granted by the pool, unknown to the database: not recorded: {err}"),
+                    action: format!(
+                        "granted by the pool, unknown to the database: not recorded: {err}"
+                    ),
                 },
             };
             report.findings.push(finding);
@@ -445,8 +454,8 @@ fn mends_of(
         | Mend::Duplicate { seq, .. } => i64::from(*seq),
         Mend::Unreadable { .. } => -1,
     });
-    let items = i64::try_from(inventory.packets.len() + inventory.unreadable.len())
-        .unwrap_or(i64::MAX);
+    let items =
+        i64::try_from(inventory.packets.len() + inventory.unreadable.len()).unwrap_or(i64::MAX);
     let amount: i64 = inventory.packets.iter().map(|(_, amount)| amount).sum();
     (
         mends,

@@ -81,7 +81,8 @@ async fn a_mend_decided_before_a_packet_came_back_is_refused_and_the_packet_is_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_granted_in_redis_only_is_recorded_with_the_limit_checked_and_the_pool_stays_exact() {
+async fn a_claim_granted_in_redis_only_is_recorded_with_the_limit_checked_and_the_pool_stays_exact()
+{
     let app = spawn_app(Setup {
         backend: Backend::Postgres,
         pool: PoolKind::Redis,
@@ -112,7 +113,10 @@ async fn a_claim_granted_in_redis_only_is_recorded_with_the_limit_checked_and_th
         .hset(
             key("pending"),
             &second,
-            format!("alice:{seq}:{amount}:{}", chrono::Utc::now().timestamp_millis() - 5_000),
+            format!(
+                "alice:{seq}:{amount}:{}",
+                chrono::Utc::now().timestamp_millis() - 5_000
+            ),
         )
         .await
         .unwrap();
@@ -143,7 +147,11 @@ async fn a_claim_granted_in_redis_only_is_recorded_with_the_limit_checked_and_th
         "alice holds her limit already"
     );
     assert_eq!(
-        report.pending_claims.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        report
+            .pending_claims
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
         vec![claim.0.as_str()],
         "only the pending claim is the saga worker's to look at"
     );

@@ -162,7 +162,13 @@ async fn a_repair_puts_right_what_was_broken_on_purpose_and_a_second_run_finds_n
         grabbed.push(body);
     }
     wait_until("the grabs are credited", || async {
-        system.campaigns.stats(&pooled).await.unwrap().packets_credited == 3
+        system
+            .campaigns
+            .stats(&pooled)
+            .await
+            .unwrap()
+            .packets_credited
+            == 3
     })
     .await;
     let (status, clean) = system
@@ -229,7 +235,12 @@ async fn a_repair_puts_right_what_was_broken_on_purpose_and_a_second_run_finds_n
         .unwrap();
     system
         .sagas
-        .bury(7, &stuck_saga, &message, "out of retries (broken on purpose)")
+        .bury(
+            7,
+            &stuck_saga,
+            &message,
+            "out of retries (broken on purpose)",
+        )
         .await
         .unwrap();
     // 4. The pool disagrees with the database: a packet missing (popped, counters untouched),
@@ -314,7 +325,13 @@ async fn a_repair_puts_right_what_was_broken_on_purpose_and_a_second_run_finds_n
 
     // The money: each repaired claim credited once, the refund done, every invariant held.
     wait_until("the repaired claims are credited", || async {
-        system.campaigns.stats(&pooled).await.unwrap().packets_credited == 6
+        system
+            .campaigns
+            .stats(&pooled)
+            .await
+            .unwrap()
+            .packets_credited
+            == 6
     })
     .await;
     system.wait_status("m1", &ended, "settled").await;
@@ -386,7 +403,10 @@ async fn a_repair_puts_right_what_was_broken_on_purpose_and_a_second_run_finds_n
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(pool.packets_left, 14, "rebuilt with the packets no claim holds");
+    assert_eq!(
+        pool.packets_left, 14,
+        "rebuilt with the packets no claim holds"
+    );
     let (status, body) = system
         .gateway
         .post(
@@ -397,7 +417,13 @@ async fn a_repair_puts_right_what_was_broken_on_purpose_and_a_second_run_finds_n
         .await;
     assert_eq!(status, 200, "{body}");
     wait_until("the new grab is credited", || async {
-        system.campaigns.stats(&pooled).await.unwrap().packets_credited == 7
+        system
+            .campaigns
+            .stats(&pooled)
+            .await
+            .unwrap()
+            .packets_credited
+            == 7
     })
     .await;
     wait_until("the reconciliation holds after the rebuild", || async {
