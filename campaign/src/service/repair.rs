@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::{CampaignError, CampaignService, now_ms, pool_campaign};
 use crate::entity::{campaign, claim};
-use crate::pool::{Inventory, Mend, MendOutcome, PoolInventory};
+use crate::pool::{Inventory, Mend, MendOutcome, PoolError, PoolInventory};
 use crate::store::{ClaimRecord, pool_state, status};
 
 /// The most items (findings and candidates for the saga worker) one repair call answers.
@@ -120,8 +120,22 @@ impl CampaignService {
                 report.more = true;
                 break;
             }
-            self.repair_campaign(&campaign, before_ms, bound, &mut report)
-                .await?;
+            match self
+                .repair_campaign(&campaign, before_ms, bound, &mut report)
+                .await
+            {
+                // A pool holding what no script of ours writes is one campaign's problem, for
+                // an operator: the other campaigns are still repaired.
+                Err(CampaignError::PoolUnavailable(PoolError::Protocol(text))) => {
+                    report.findings.push(Finding {
+                        kind: "pool_mismatch",
+                        id: campaign.id.to_string(),
+                        repaired: false,
+                        action: format!("the pool holds something unreadable, left alone: {text}"),
+                    });
+                }
+                other => other?,
+            }
             let room = u64::try_from(limit.saturating_sub(report.items())).unwrap_or(0);
             if room > 0 {
                 let pending = self
