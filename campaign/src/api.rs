@@ -84,6 +84,7 @@ impl From<CampaignError> for Problem {
                 tracing::error!(error = %source, "campaign database failure");
                 Problem::internal()
             }
+            CampaignError::RepairBusy => Problem::unavailable("repair_in_progress", detail),
             CampaignError::Ids(_) => {
                 tracing::error!(error = %detail, "id generation failure");
                 Problem::unavailable("ids_unavailable", detail)
@@ -1151,6 +1152,80 @@ impl CampaignApi {
         ))
     }
 
+    /// Repair what the campaign service owns (operator, through the gateway): claims the pool
+    /// granted that the database does not know are recorded (with the checks of a rebuilt
+    /// pool), live pools that disagree with the database are mended, lost ones rebuilt; claims
+    /// still pending and ended campaigns not settled past the age bound are listed for the saga
+    /// worker. At most `limit` items and 5 s a call; one repair at a time (503 otherwise).
+    #[oai(path = "/repair", method = "post", tag = "ApiTags::Saga")]
+    async fn repair(&self, body: StrictJson<RepairBody>) -> Result<Json<RepairReportDto>, Problem> {
+        let limit = body
+            .0
+            .limit
+            .unwrap_or(crate::service::DEFAULT_REPAIR_ITEMS as u64);
+        if !(1..=crate::service::MAX_REPAIR_ITEMS as u64).contains(&limit) {
+            return Err(Problem::unprocessable(
+                "invalid_limit",
+                format!(
+                    "`limit` must be between 1 and {}",
+                    crate::service::MAX_REPAIR_ITEMS
+                ),
+            )
+            .with_field("limit"));
+        }
+        let min_age_ms = body.0.min_age_ms.unwrap_or(DEFAULT_REPAIR_MIN_AGE_MS);
+        if !(0..=MAX_REPAIR_MIN_AGE_MS).contains(&min_age_ms) {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                format!("`min_age_ms` must be between 0 and {MAX_REPAIR_MIN_AGE_MS}"),
+            )
+            .with_field("min_age_ms"));
+        }
+        let report = self
+            .service
+            .repair(crate::service::RepairOptions {
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                min_age_ms,
+            })
+            .await?;
+        Ok(Json(RepairReportDto {
+            findings: report
+                .findings
+                .into_iter()
+                .map(|finding| RepairFindingDto {
+                    kind: finding.kind.to_owned(),
+                    id: finding.id,
+                    repaired: finding.repaired,
+                    action: finding.action,
+                })
+                .collect(),
+            pending_claims: report
+                .pending_claims
+                .into_iter()
+                .map(|claim| StaleClaimDto {
+                    claim_id: claim.id,
+                    campaign_id: claim.campaign_id.to_string(),
+                    user_id: claim.user_id,
+                    packet_seq: u32::try_from(claim.packet_seq).unwrap_or(0),
+                    amount: claim.amount,
+                    currency: claim.currency,
+                    grabbed_at_ms: claim.grabbed_at_ms,
+                })
+                .collect(),
+            ended_campaigns: report
+                .ended_campaigns
+                .into_iter()
+                .map(|campaign| UnsettledCampaignDto {
+                    campaign_id: campaign.id.to_string(),
+                    merchant_id: campaign.merchant_id,
+                    currency: campaign.currency,
+                    total_amount: campaign.total_amount,
+                })
+                .collect(),
+            more: report.more,
+        }))
+    }
+
     /// The campaign database's invariants, checked now, and the newest campaigns (at most
     /// 500) with what their escrow must hold, for a reconciliation against the wallet.
     #[oai(path = "/reconciliation", method = "get", tag = "ApiTags::Saga")]
@@ -1183,6 +1258,71 @@ impl CampaignApi {
                 .collect(),
         }))
     }
+}
+
+/// What an operator's repair asks of the campaign service.
+#[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RepairBody {
+    /// The most items answered, findings and claims or campaigns for the saga worker
+    /// together (1-500, default 100); call again while `more` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Only claims grabbed, and campaigns ended, at least this long ago are taken (0 to
+    /// 86,400,000; default 60,000): younger ones are still moving on the normal path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_age_ms: Option<i64>,
+}
+
+/// The longest age bound a repair takes.
+pub const MAX_REPAIR_MIN_AGE_MS: i64 = 86_400_000;
+/// The age bound of a repair unless the caller says otherwise: longer than a relay's and a
+/// saga's normal path, so a repair does not chase grabs that are simply on their way.
+pub const DEFAULT_REPAIR_MIN_AGE_MS: i64 = 60_000;
+
+/// One thing a repair found wrong, and what became of it.
+#[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
+pub struct RepairFindingDto {
+    /// `claim_unrecorded`, `pool_mismatch` or `pool_lost`.
+    pub kind: String,
+    /// The claim or campaign.
+    pub id: String,
+    /// Whether it was repaired.
+    pub repaired: bool,
+    /// What was done, or why it could not be.
+    pub action: String,
+}
+
+/// A claim still `pending` past the age bound: its saga may be lost.
+#[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
+pub struct StaleClaimDto {
+    pub claim_id: String,
+    pub campaign_id: String,
+    pub user_id: String,
+    pub packet_seq: u32,
+    pub amount: i64,
+    pub currency: String,
+    pub grabbed_at_ms: i64,
+}
+
+/// A campaign ended past the age bound and not settled: its refund may be lost.
+#[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
+pub struct UnsettledCampaignDto {
+    pub campaign_id: String,
+    pub merchant_id: String,
+    pub currency: String,
+    pub total_amount: i64,
+}
+
+/// What the campaign service repaired, and what the saga worker should look at.
+#[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
+pub struct RepairReportDto {
+    pub findings: Vec<RepairFindingDto>,
+    pub pending_claims: Vec<StaleClaimDto>,
+    pub ended_campaigns: Vec<UnsettledCampaignDto>,
+    /// Whether the call stopped at its item or time bound before looking at everything.
+    pub more: bool,
 }
 
 /// One invariant, checked now.

@@ -15,7 +15,8 @@ use redpacket_common::local_queue::LocalQueue;
 use redpacket_common::messages::{Envelope, SagaEvent};
 
 use crate::pool::{
-    CancelOutcome, GrabOutcome, PacketPool, PendingClaim, PoolCampaign, PoolError, PoolSnapshot,
+    CancelOutcome, GrabOutcome, Inventory, Mend, MendOutcome, PacketPool, PendingClaim,
+    PoolCampaign, PoolError, PoolSnapshot, PoolVersion,
 };
 
 const SCHEMA: &[&str] = &[
@@ -437,6 +438,28 @@ impl PacketPool for LocalPool {
     ) -> Result<bool, PoolError> {
         // The local pool lives in the campaign database itself: it is never lost apart from it.
         Ok(false)
+    }
+
+    async fn inventory(
+        &self,
+        _campaign: &PoolCampaign,
+        _max_items: usize,
+    ) -> Result<Inventory, PoolError> {
+        // The grab takes its packet, records the claim and writes its hand-off in one
+        // transaction of the campaign's own database: nothing for a repair to compare.
+        Ok(Inventory::NotInspected(
+            "the embedded pool lives in the campaign database's own transactions".to_owned(),
+        ))
+    }
+
+    async fn mend(
+        &self,
+        _campaign: &PoolCampaign,
+        _version: &PoolVersion,
+        _drift: (i64, i64),
+        _mends: &[Mend],
+    ) -> Result<MendOutcome, PoolError> {
+        Ok(MendOutcome::Moved)
     }
 
     async fn ping(&self) -> Result<String, PoolError> {

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, Script, Value};
 use redpacket_common::redis_settings::Durability;
 
 /// Packets pushed per command when loading a pool.
@@ -90,6 +90,76 @@ pub struct PendingClaim {
     pub seq: u32,
     pub amount: i64,
     pub grabbed_at_ms: i64,
+}
+
+/// What a pool holds of one campaign, read in one atomic step, for a repair to compare with
+/// the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolInventory {
+    /// The meta hash's `state`.
+    pub state: String,
+    /// The meta hash's counters.
+    pub left: i64,
+    pub left_amount: i64,
+    /// Every item of every bucket as `(seq, amount)`, duplicates kept; an item that is not
+    /// `seq:amount` is kept as its text in `unreadable`.
+    pub packets: Vec<(u32, i64)>,
+    pub unreadable: Vec<String>,
+    /// The claims granted and not yet recorded in the database (or whose pending copy was
+    /// not dropped yet).
+    pub pending: Vec<PendingClaim>,
+    /// What a mend checks has not moved since: see [`PacketPool::mend`].
+    pub version: PoolVersion,
+}
+
+/// The marks of a pool that move whenever a packet may have come back to it by another path
+/// than a grab's pop: a return of a compensated claim (the `ret` hash only grows), a mend
+/// (`rv`), a new load or rebuild (`rv` starts anew with the meta hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolVersion {
+    pub returns: i64,
+    pub mends: String,
+}
+
+/// What [`PacketPool::inventory`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inventory {
+    /// No meta hash: never loaded, or lost.
+    NotLoaded,
+    /// The pool was not read, with the reason (too large to read at once, or a pool whose
+    /// packets and claims live in the database's own transactions).
+    NotInspected(String),
+    Held(PoolInventory),
+}
+
+/// One correction of a pool, decided from an inventory and the database read after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mend {
+    /// A packet no claim holds is in no bucket: it goes back, unless it is in a bucket or a
+    /// pending claim holds it by the time of the mend.
+    Add { seq: u32, amount: i64 },
+    /// A packet a claim holds is in a bucket: it leaves, unless that claim's packet was
+    /// returned meanwhile (a compensation racing the repair).
+    Held {
+        seq: u32,
+        amount: i64,
+        claim: String,
+    },
+    /// An item that is no packet of the campaign (unknown seq or another amount): it leaves.
+    Foreign { seq: u32, amount: i64 },
+    /// A packet no claim holds is in the buckets more than once: one copy stays.
+    Duplicate { seq: u32, amount: i64 },
+    /// An item that is not `seq:amount`: it leaves.
+    Unreadable { item: String },
+}
+
+/// What a mend did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MendOutcome {
+    /// Applied: packets added and items removed; the counters are exact again.
+    Mended { added: u32, removed: u32 },
+    /// The pool moved since the inventory (a return, another mend, a rebuild): nothing done.
+    Moved,
 }
 
 /// A failure of the pool's backing store.
@@ -170,6 +240,26 @@ pub trait PacketPool: Send + Sync + std::fmt::Debug {
     /// Forgets a settled campaign's pool: every key of it, the hand-off streams and their
     /// registry entries included. Only once no grab can happen and the hand-off is relayed.
     async fn purge(&self, campaign: &PoolCampaign) -> Result<(), PoolError>;
+
+    /// Reads the whole pool of a campaign in one atomic step, unless it holds more than
+    /// `max_items` packets or pending claims (a repair reads it whole).
+    async fn inventory(
+        &self,
+        campaign: &PoolCampaign,
+        max_items: usize,
+    ) -> Result<Inventory, PoolError>;
+
+    /// Applies corrections decided from an inventory, in one atomic step, only if the pool's
+    /// `version` is still the inventory's; sets the counters to what the buckets hold (the
+    /// inventory's drift of the counters from the buckets, `drift`, is taken out). Each
+    /// correction checks again what it needs, so no packet can be given twice.
+    async fn mend(
+        &self,
+        campaign: &PoolCampaign,
+        version: &PoolVersion,
+        drift: (i64, i64),
+        mends: &[Mend],
+    ) -> Result<MendOutcome, PoolError>;
 
     /// Whether the store answers.
     /// Whether the pool answers, and what an operator should know about its store.
@@ -278,6 +368,85 @@ redis.call('HSET', KEYS[2], ARGV[1], '1')
 return '1'
 ";
 
+const INVENTORY_SCRIPT: &str = r"
+-- KEYS: meta, pending, ret, buckets...; ARGV: max_items
+local m = redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount', 'rv')
+if not m[1] then return {'not_loaded'} end
+local total = redis.call('HLEN', KEYS[2])
+for i = 4, #KEYS do total = total + redis.call('LLEN', KEYS[i]) end
+if total > tonumber(ARGV[1]) then return {'too_large', tostring(total)} end
+local packets = {}
+for i = 4, #KEYS do
+  for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do packets[#packets + 1] = item end
+end
+return {'ok', m[1], m[2] or '0', m[3] or '0', m[4] or '', tostring(redis.call('HLEN', KEYS[3])),
+  packets, redis.call('HGETALL', KEYS[2])}
+";
+
+const MEND_SCRIPT: &str = r"
+-- KEYS: meta, pending, ret, buckets...
+-- ARGV: returns, rv, drift_count, drift_amount, then (op, seq, amount, bucket, claim)...
+local m = redis.call('HMGET', KEYS[1], 'state', 'rv', 'left', 'left_amount')
+if not m[1] then return {'moved'} end
+if tostring(redis.call('HLEN', KEYS[3])) ~= ARGV[1] or (m[2] or '') ~= ARGV[2] then
+  return {'moved'}
+end
+local held = {}
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+  local seq = string.match(v, '^[^:]*:([^:]*):')
+  if seq then held[seq] = true end
+end
+local count = tonumber(m[3] or '0') - tonumber(ARGV[3])
+local amount = tonumber(m[4] or '0') - tonumber(ARGV[4])
+local added, removed = 0, 0
+local function remove_everywhere(item, keep, amt)
+  for j = 4, #KEYS do
+    local n = 0
+    if keep > 0 then
+      local at = redis.call('LPOS', KEYS[j], item, 'COUNT', 0)
+      if #at > 0 then
+        if #at > keep then n = redis.call('LREM', KEYS[j], keep - #at, item) end
+        keep = 0
+      end
+    else
+      n = redis.call('LREM', KEYS[j], 0, item)
+    end
+    removed = removed + n
+    count = count - n
+    amount = amount - n * amt
+  end
+end
+for i = 5, #ARGV, 5 do
+  local op, seq, amt, claim = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 4]
+  local item = seq .. ':' .. ARGV[i + 2]
+  if op == 'add' then
+    local present = held[seq]
+    for j = 4, #KEYS do
+      if not present and redis.call('LPOS', KEYS[j], item) then present = true end
+    end
+    if not present then
+      redis.call('RPUSH', KEYS[4 + tonumber(ARGV[i + 3])], item)
+      added = added + 1
+      count = count + 1
+      amount = amount + amt
+    end
+  elseif op == 'held' then
+    if redis.call('HGET', KEYS[3], claim) ~= '1' then remove_everywhere(item, 0, amt) end
+  elseif op == 'foreign' then
+    remove_everywhere(item, 0, amt)
+  elseif op == 'dup' then
+    remove_everywhere(item, 1, amt)
+  elseif op == 'unreadable' then
+    remove_everywhere(claim, 0, 0)
+  end
+end
+if count > 0 and m[1] == 'exhausted' then redis.call('HSET', KEYS[1], 'state', 'scheduled') end
+if count <= 0 and m[1] == 'scheduled' then redis.call('HSET', KEYS[1], 'state', 'exhausted') end
+redis.call('HSET', KEYS[1], 'left', count, 'left_amount', amount)
+redis.call('HINCRBY', KEYS[1], 'rv', 1)
+return {'mended', tostring(added), tostring(removed)}
+";
+
 /// The key names of one campaign, computed once.
 #[derive(Debug)]
 struct CampaignKeys {
@@ -300,6 +469,8 @@ pub struct RedisPool {
     cancel_script: Arc<Script>,
     close_script: Arc<Script>,
     return_script: Arc<Script>,
+    inventory_script: Arc<Script>,
+    mend_script: Arc<Script>,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -328,6 +499,8 @@ impl RedisPool {
             cancel_script: Arc::new(Script::new(CANCEL_SCRIPT)),
             close_script: Arc::new(Script::new(CLOSE_SCRIPT)),
             return_script: Arc::new(Script::new(RETURN_SCRIPT)),
+            inventory_script: Arc::new(Script::new(INVENTORY_SCRIPT)),
+            mend_script: Arc::new(Script::new(MEND_SCRIPT)),
         })
     }
 
@@ -362,7 +535,11 @@ impl RedisPool {
             .arg("left")
             .arg(left)
             .arg("left_amount")
-            .arg(left_amount);
+            .arg(left_amount)
+            // A new mark for every load or rebuild: a mend decided on the pool before cannot
+            // apply to this one.
+            .arg("rv")
+            .arg(chrono::Utc::now().timestamp_micros());
         let written: i64 = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
@@ -445,6 +622,27 @@ fn grab_key_order(keys: &CampaignKeys, home: usize) -> impl Iterator<Item = &str
     .into_iter()
     .chain((0..count).map(move |i| keys.buckets[(home + i) % count].as_str()))
     .chain((0..count).map(move |i| keys.streams[(home + i) % count].as_str()))
+}
+
+fn protocol(err: impl std::fmt::Display) -> PoolError {
+    PoolError::Protocol(err.to_string())
+}
+
+/// A pending claim's value: `user:seq:amount:grabbed_at_ms`.
+fn parse_pending(claim_id: &str, value: &str) -> Result<PendingClaim, PoolError> {
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() != 4 {
+        return Err(PoolError::Protocol(value.to_owned()));
+    }
+    Ok(PendingClaim {
+        claim_id: claim_id.to_owned(),
+        user_id: parts[0].to_owned(),
+        seq: parts[1]
+            .parse()
+            .map_err(|_| PoolError::Protocol(value.to_owned()))?,
+        amount: parse_i64(parts[2])?,
+        grabbed_at_ms: parse_i64(parts[3])?,
+    })
 }
 
 fn parse_i64(text: &str) -> Result<i64, PoolError> {
@@ -676,22 +874,9 @@ impl PacketPool for RedisPool {
     ) -> Result<Option<PendingClaim>, PoolError> {
         let key = format!("{}:{{c:{campaign_id}}}:pending", self.prefix);
         let value: Option<String> = self.connection.clone().hget(key, claim_id).await?;
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        let parts: Vec<&str> = value.split(':').collect();
-        if parts.len() != 4 {
-            return Err(PoolError::Protocol(value));
-        }
-        Ok(Some(PendingClaim {
-            claim_id: claim_id.to_owned(),
-            user_id: parts[0].to_owned(),
-            seq: parts[1]
-                .parse()
-                .map_err(|_| PoolError::Protocol(value.clone()))?,
-            amount: parse_i64(parts[2])?,
-            grabbed_at_ms: parse_i64(parts[3])?,
-        }))
+        value
+            .map(|value| parse_pending(claim_id, &value))
+            .transpose()
     }
 
     async fn forget_pending(&self, campaign_id: i64, claim_ids: &[&str]) -> Result<(), PoolError> {
@@ -723,6 +908,129 @@ impl PacketPool for RedisPool {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&campaign.id);
         Ok(())
+    }
+
+    async fn inventory(
+        &self,
+        campaign: &PoolCampaign,
+        max_items: usize,
+    ) -> Result<Inventory, PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let mut invocation = self.inventory_script.key(&keys.meta);
+        invocation.key(&keys.pending).key(&keys.returned);
+        for bucket in &keys.buckets {
+            invocation.key(bucket);
+        }
+        let reply: Vec<Value> = invocation
+            .arg(max_items)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        let text = |value: &Value| -> Result<String, PoolError> {
+            redis::from_redis_value_ref(value).map_err(protocol)
+        };
+        let word = reply.first().map(text).transpose()?.unwrap_or_default();
+        match (word.as_str(), reply.as_slice()) {
+            ("not_loaded", _) => Ok(Inventory::NotLoaded),
+            ("too_large", [_, total]) => Ok(Inventory::NotInspected(format!(
+                "the pool holds {} packets and pending claims, more than the {max_items} a repair reads at once",
+                text(total)?
+            ))),
+            (
+                "ok",
+                [
+                    _,
+                    state,
+                    left,
+                    left_amount,
+                    mends,
+                    returns,
+                    packets,
+                    pending,
+                ],
+            ) => {
+                let items: Vec<String> = redis::from_redis_value_ref(packets).map_err(protocol)?;
+                let mut inventory = PoolInventory {
+                    state: text(state)?,
+                    left: parse_i64(&text(left)?)?,
+                    left_amount: parse_i64(&text(left_amount)?)?,
+                    packets: Vec::with_capacity(items.len()),
+                    unreadable: Vec::new(),
+                    pending: Vec::new(),
+                    version: PoolVersion {
+                        returns: parse_i64(&text(returns)?)?,
+                        mends: text(mends)?,
+                    },
+                };
+                for item in items {
+                    let parsed = item.split_once(':').and_then(|(seq, amount)| {
+                        Some((seq.parse::<u32>().ok()?, amount.parse::<i64>().ok()?))
+                    });
+                    match parsed {
+                        Some(packet) => inventory.packets.push(packet),
+                        None => inventory.unreadable.push(item),
+                    }
+                }
+                let pairs: Vec<String> = redis::from_redis_value_ref(pending).map_err(protocol)?;
+                for pair in pairs.chunks(2) {
+                    if let [claim_id, value] = pair {
+                        inventory.pending.push(parse_pending(claim_id, value)?);
+                    }
+                }
+                Ok(Inventory::Held(inventory))
+            }
+            _ => Err(PoolError::Protocol(format!("{reply:?}"))),
+        }
+    }
+
+    async fn mend(
+        &self,
+        campaign: &PoolCampaign,
+        version: &PoolVersion,
+        drift: (i64, i64),
+        mends: &[Mend],
+    ) -> Result<MendOutcome, PoolError> {
+        let keys = self.keys_of(campaign.id, campaign.buckets);
+        let mut invocation = self.mend_script.key(&keys.meta);
+        invocation.key(&keys.pending).key(&keys.returned);
+        for bucket in &keys.buckets {
+            invocation.key(bucket);
+        }
+        invocation
+            .arg(version.returns)
+            .arg(&version.mends)
+            .arg(drift.0)
+            .arg(drift.1);
+        let buckets = u32::try_from(keys.buckets.len()).unwrap_or(1).max(1);
+        for mend in mends {
+            let (op, seq, amount, claim) = match mend {
+                Mend::Add { seq, amount } => ("add", *seq, *amount, ""),
+                Mend::Held { seq, amount, claim } => ("held", *seq, *amount, claim.as_str()),
+                Mend::Foreign { seq, amount } => ("foreign", *seq, *amount, ""),
+                Mend::Duplicate { seq, amount } => ("dup", *seq, *amount, ""),
+                Mend::Unreadable { item } => ("unreadable", 0, 0, item.as_str()),
+            };
+            invocation
+                .arg(op)
+                .arg(seq)
+                .arg(amount)
+                .arg(seq % buckets)
+                .arg(claim);
+        }
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        match reply.as_slice() {
+            [word] if word == "moved" => Ok(MendOutcome::Moved),
+            [word, added, removed] if word == "mended" => Ok(MendOutcome::Mended {
+                added: added
+                    .parse()
+                    .map_err(|_| PoolError::Protocol(reply.join(" ")))?,
+                removed: removed
+                    .parse()
+                    .map_err(|_| PoolError::Protocol(reply.join(" ")))?,
+            }),
+            _ => Err(PoolError::Protocol(reply.join(" "))),
+        }
     }
 
     async fn ping(&self) -> Result<String, PoolError> {

@@ -10,6 +10,13 @@ use redpacket_common::ids::SnowflakeGenerator;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+mod repair;
+
+pub use repair::{
+    DEFAULT_REPAIR_ITEMS, Finding, MAX_INSPECTED_POOL_ITEMS, MAX_REPAIR_CAMPAIGNS,
+    MAX_REPAIR_ITEMS, REPAIR_TIME_BUDGET, RepairOptions, RepairReport,
+};
+
 use crate::entity::{campaign, claim, stats};
 use crate::pool::{CancelOutcome, GrabOutcome, PacketPool, PendingClaim, PoolCampaign, PoolError};
 use crate::split::{SplitError, SplitMode, SplitSpec};
@@ -82,6 +89,8 @@ pub enum CampaignError {
     Store(#[source] StoreError),
     #[error("id generation failed: {0}")]
     Ids(String),
+    #[error("a repair is already running in this process; try again when it is done")]
+    RepairBusy,
 }
 
 impl From<StoreError> for CampaignError {
@@ -250,6 +259,8 @@ pub struct CampaignService {
     /// Lost pools waiting for their quiet period: the recorded claims last seen, and since when
     /// (epoch ms) that count has not moved.
     quiet_since: Arc<std::sync::Mutex<HashMap<i64, (i64, i64)>>>,
+    /// One operator repair at a time per process.
+    repair_gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for CampaignService {
@@ -277,6 +288,7 @@ impl CampaignService {
             lifecycle_wakeup: Arc::new(Notify::new()),
             rebuild_quiet: DEFAULT_REBUILD_QUIET,
             quiet_since: Arc::default(),
+            repair_gate: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 

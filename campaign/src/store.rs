@@ -402,6 +402,69 @@ impl Store {
         })
     }
 
+    /// A campaign's packets in `seq` order and, for each packet a claim holds (pending,
+    /// credited, or compensated with the packet kept out for the refund), that claim's id:
+    /// what a repair compares the pool with.
+    pub async fn packet_holders(
+        &self,
+        id: i64,
+    ) -> Result<(Vec<i64>, HashMap<u32, String>), StoreError> {
+        let packets = self.packets(id).await?;
+        let claims: Vec<(String, i32, String, bool)> = claim::Entity::find()
+            .select_only()
+            .column(claim::Column::Id)
+            .column(claim::Column::PacketSeq)
+            .column(claim::Column::Status)
+            .column(claim::Column::ReturnedToPool)
+            .filter(claim::Column::CampaignId.eq(id))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let holders = claims
+            .into_iter()
+            .filter(|(_, _, status, returned)| status != claim_status::COMPENSATED || !returned)
+            .filter_map(|(claim_id, seq, _, _)| Some((u32::try_from(seq).ok()?, claim_id)))
+            .collect();
+        Ok((packets, holders))
+    }
+
+    /// Campaigns not settled (live, ended or cancelled), oldest first: the ones a repair
+    /// looks at.
+    pub async fn unsettled_campaigns(
+        &self,
+        limit: u64,
+    ) -> Result<Vec<campaign::Model>, StoreError> {
+        Ok(campaign::Entity::find()
+            .filter(campaign::Column::Status.is_in([
+                status::SCHEDULED,
+                status::ACTIVE,
+                status::EXHAUSTED,
+                status::EXPIRED,
+                status::CANCELLED,
+            ]))
+            .order_by_asc(campaign::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// A campaign's claims still `pending` that were grabbed before `before_ms`, oldest first.
+    pub async fn stale_pending_claims(
+        &self,
+        campaign_id: i64,
+        before_ms: i64,
+        limit: u64,
+    ) -> Result<Vec<claim::Model>, StoreError> {
+        Ok(claim::Entity::find()
+            .filter(claim::Column::CampaignId.eq(campaign_id))
+            .filter(claim::Column::Status.eq(claim_status::PENDING))
+            .filter(claim::Column::GrabbedAtMs.lt(before_ms))
+            .order_by_asc(claim::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
     /// Marks a loaded pool lost (noticed at `now_ms`); false when it was not `loaded`.
     pub async fn mark_pool_lost(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
         let result = campaign::Entity::update_many()

@@ -14,6 +14,11 @@ use redpacket_common::telemetry::{LogConfig, init_tracing, install_crypto_provid
 use redpacket_migrations::{Migrator, MigratorTrait};
 
 mod demo;
+
+/// Repair calls one `reconcile --repair` makes at most (each bounded by its items and time).
+const REPAIR_CALLS: u32 = 20;
+/// How long `reconcile --repair` waits for the reconciliation to hold after a repair.
+const REPAIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 mod embedded;
 
 // Every request allocates a little; mimalloc does that several times cheaper than the system
@@ -70,6 +75,11 @@ enum Command {
     },
     /// Check every money invariant now through the gateway, printing each as held or broken
     /// with the offending ids; exits non-zero when one is broken.
+    ///
+    /// With --repair, first repairs what can be repaired (claims the pool granted that the
+    /// database does not know, pools that disagree with the database, claims and refunds with
+    /// no live saga, stuck and stalled sagas), printing each finding with what was done; then
+    /// exits non-zero when something is left unrepaired. A second run finds nothing.
     Reconcile {
         /// The gateway's address.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -77,6 +87,16 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Repair what can be repaired before checking.
+        #[arg(long)]
+        repair: bool,
+        /// Items each service takes per repair call.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: u32,
+        /// Only claims grabbed, campaigns ended and sagas stalled at least this long ago (ms)
+        /// are repaired: younger ones are still moving on their own.
+        #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(i64).range(0..=86_400_000))]
+        min_age_ms: i64,
         /// Where `redpacket dev` keeps its secret (used when RP_AUTH_SECRET is not set).
         #[arg(long, default_value = ".redpacket")]
         data_dir: PathBuf,
@@ -226,14 +246,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reconcile {
             gateway,
             json,
+            repair,
+            limit,
+            min_age_ms,
             data_dir,
         } => {
             let key = signing_key(&source, &data_dir)?;
-            let result = demo::Api::new(&gateway, key)?.reconciliation().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&result)?);
+            let api = demo::Api::new(&gateway, key)?;
+            let repaired = if repair {
+                Some(api.repair(limit, min_age_ms, REPAIR_CALLS).await?)
             } else {
+                None
+            };
+            let mut result = api.reconciliation().await?;
+            if repaired.as_ref().is_some_and(|r| !r.findings.is_empty()) {
+                // The sagas a repair re-drove finish on their own, within moments: the verdict
+                // waits for them, for a bounded time.
+                let started = std::time::Instant::now();
+                while result["ok"].as_bool() != Some(true) && started.elapsed() < REPAIR_SETTLE {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    result = api.reconciliation().await?;
+                }
+            }
+            if json {
+                let out = match &repaired {
+                    Some(repaired) => serde_json::json!({
+                        "repair": {
+                            "findings": repaired.findings,
+                            "unrepaired": repaired.unrepaired(),
+                            "more": repaired.more,
+                        },
+                        "reconciliation": result,
+                    }),
+                    None => result.clone(),
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                if let Some(repaired) = &repaired {
+                    println!("repair:");
+                    demo::print_findings(repaired);
+                    println!("reconciliation:");
+                }
                 demo::print_checks(&result);
+            }
+            if let Some(repaired) = &repaired {
+                let left = repaired.unrepaired();
+                if left > 0 || repaired.more {
+                    anyhow::bail!(
+                        "{left} finding(s) left unrepaired{}",
+                        if repaired.more {
+                            ", and more to look at"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
             if result["ok"].as_bool() != Some(true) {
                 anyhow::bail!("an invariant is broken");

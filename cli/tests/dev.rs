@@ -236,3 +236,100 @@ fn tokens_minted_by_the_cli_follow_the_data_directory_secret() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown role"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A campaign whose end event (its refund's message) was lost: `reconcile --repair` through the
+/// binary drives the refund, exits zero once the reconciliation holds, and a second run finds
+/// nothing to repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_repair_settles_a_campaign_whose_refund_was_lost_and_then_finds_nothing() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("rp-repair-{}", uuid::Uuid::new_v4().simple()));
+    let dev = Dev::start(&dir, free_port()).await;
+    let repair = |dir: &Path| {
+        run(
+            &[
+                "reconcile",
+                "--repair",
+                "--min-age-ms",
+                "1000",
+                "--gateway",
+                &dev.url,
+            ],
+            dir,
+        )
+    };
+    let clean = repair(&dir);
+    let printed = String::from_utf8_lossy(&clean.stdout).into_owned();
+    assert!(
+        clean.status.success(),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(printed.contains("nothing to repair"), "{printed}");
+
+    let merchant = key(&dir)
+        .mint(Role::Merchant, "demo-shop", Duration::from_secs(600))
+        .unwrap();
+    let list_url = format!("{}/v1/campaigns", dev.url);
+    let mut seeded = String::new();
+    for _ in 0..300 {
+        let campaigns = get(&list_url, &merchant).await;
+        if campaigns["campaigns"][0]["status"] == "active" {
+            seeded = campaigns["campaigns"][0]["id"].as_str().unwrap().to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!seeded.is_empty(), "the seeded campaign opens");
+    // Ended without its `campaign.ended` event: nothing would ever refund it.
+    let campaign_db = sea_orm::Database::connect(format!(
+        "sqlite://{}?mode=rw",
+        dir.join("campaign.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    let ended_at = chrono::Utc::now().timestamp_millis() - 10_000;
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &campaign_db,
+        &format!(
+            "UPDATE campaign_campaigns SET status = 'expired', updated_at_ms = {ended_at} WHERE id = {seeded}"
+        ),
+    )
+    .await
+    .unwrap();
+    campaign_db.close().await.unwrap();
+
+    let repaired = repair(&dir);
+    let printed = String::from_utf8_lossy(&repaired.stdout).into_owned();
+    assert!(
+        repaired.status.success(),
+        "{printed}\n{}",
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+    assert!(
+        printed.contains("repaired") && printed.contains(&format!("refund:{seeded}")),
+        "{printed}"
+    );
+    // The refund the repair started runs on its own, within moments.
+    let campaign_url = format!("{}/v1/campaigns/{seeded}", dev.url);
+    let mut campaign = Value::Null;
+    for _ in 0..300 {
+        campaign = get(&campaign_url, &merchant).await;
+        if campaign["status"] == "settled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(campaign["status"], "settled", "{campaign}");
+    let wallet = get(&format!("{}/v1/merchants/me/wallet", dev.url), &merchant).await;
+    assert_eq!(
+        wallet["balance"], 10_000_000,
+        "every packet went back to the merchant"
+    );
+
+    let again = repair(&dir);
+    let printed = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again.status.success(), "{printed}");
+    assert!(printed.contains("nothing to repair"), "{printed}");
+    dev.stop();
+}

@@ -22,11 +22,12 @@ use redpacket_wallet::api::EntryPageView;
 use serde::Deserialize;
 
 use crate::dto::{
-    BreakerList, BreakerView, NewCampaign, Pong, Reconciliation, TopupBody, TopupResult, WalletView,
+    BreakerList, BreakerView, NewCampaign, Pong, Reconciliation, RepairBody, RepairReport,
+    TopupBody, TopupResult, WalletView,
 };
 use crate::error::{GatewayError, forbidden_role, rate_limited};
 use crate::payload::Raw;
-use crate::{Gateway, reconcile};
+use crate::{Gateway, reconcile, repair};
 
 #[derive(Tags)]
 enum ApiTags {
@@ -475,6 +476,33 @@ impl PublicApi {
         auth: OperatorToken,
     ) -> Result<Raw<Reconciliation>, GatewayError> {
         let result = reconcile::run(&self.gateway, &auth.0.request_id).await?;
+        Ok(Raw::of(&result))
+    }
+
+    /// Repair what the reconciliation finds (operator): claims a packet pool granted that the
+    /// campaign database does not know are recorded; pools that disagree with the database are
+    /// mended or rebuilt; claims with no live saga and ended campaigns with no live refund are
+    /// re-driven; stuck sagas are replayed and stalled ones re-driven. Each finding says what
+    /// was done or why it could not be. At most `limit` items per service and about 10 s a
+    /// call (call again while `more`); one repair at a time (503 `repair_in_progress`). Money
+    /// moves only through the sagas' idempotent steps, so a second run repairs nothing.
+    #[oai(
+        path = "/v1/admin/reconciliation/repair",
+        method = "post",
+        tag = "ApiTags::Admin"
+    )]
+    async fn repair(
+        &self,
+        auth: OperatorToken,
+        body: StrictJson<RepairBody>,
+    ) -> Result<Raw<RepairReport>, GatewayError> {
+        let result = repair::run(&self.gateway, body.0, &auth.0.request_id).await?;
+        tracing::info!(
+            repaired = result.repaired,
+            unrepaired = result.unrepaired,
+            more = result.more,
+            "repair"
+        );
         Ok(Raw::of(&result))
     }
 

@@ -179,3 +179,51 @@ pub struct Pong {
     /// Always `ok`.
     pub status: String,
 }
+
+/// What an operator's repair is asked to do.
+#[derive(Debug, Clone, Object, Deserialize, Serialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RepairBody {
+    /// The most items each service takes in this call (1-500, default 100); call again while
+    /// `more` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Only claims grabbed, campaigns ended and sagas stalled at least this long ago are
+    /// taken (0 to 86,400,000 ms; default 60,000): younger ones are still moving on their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_age_ms: Option<i64>,
+}
+
+/// One thing a repair found wrong, and what became of it.
+#[derive(Debug, Clone, Object, Deserialize, Serialize)]
+pub struct RepairFinding {
+    /// The service that owns it and repaired it: `campaign` or `saga`.
+    pub service: String,
+    /// `claim_unrecorded` (granted by the pool, unknown to the database), `pool_mismatch`
+    /// (packets missing from or extra in a pool), `pool_lost`, `claim_pending` (a claim with no
+    /// live saga), `campaign_unsettled` (an ended campaign with no live refund), `saga_stuck`
+    /// (dead-lettered) or `saga_stalled` (no progress).
+    pub kind: String,
+    /// The claim, campaign or saga.
+    pub id: String,
+    /// Whether it was repaired.
+    pub repaired: bool,
+    /// What was done, or why it could not be.
+    pub action: String,
+}
+
+/// What a repair found and did.
+#[derive(Debug, Clone, Object, Deserialize, Serialize)]
+pub struct RepairReport {
+    /// True when nothing was left unrepaired.
+    pub ok: bool,
+    /// Findings repaired.
+    pub repaired: u64,
+    /// Findings left unrepaired (each says why).
+    pub unrepaired: u64,
+    /// Every finding; none when nothing needed a repair.
+    pub findings: Vec<RepairFinding>,
+    /// Whether a service stopped at its item or time bound: call again.
+    pub more: bool,
+}

@@ -10,6 +10,7 @@ pub mod error;
 pub mod limits;
 pub mod payload;
 pub mod reconcile;
+pub mod repair;
 pub mod upstream;
 
 use std::future::Future;
@@ -156,6 +157,8 @@ pub struct Gateway {
     pub timeouts: Timeouts,
     pub currency: String,
     in_flight: Semaphore,
+    /// One operator repair at a time per replica.
+    pub repair_gate: Semaphore,
 }
 
 impl Gateway {
@@ -190,6 +193,7 @@ impl Gateway {
             timeouts: config.timeouts,
             currency: config.currency.clone(),
             in_flight: Semaphore::new(config.max_in_flight as usize),
+            repair_gate: Semaphore::new(1),
         })
     }
 

@@ -4,7 +4,7 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
 use redpacket_common::Problem;
-use redpacket_common::messages::Envelope;
+use redpacket_common::messages::{Envelope, SagaEvent};
 use redpacket_common::time::rfc3339;
 
 use crate::bus::Bus;
@@ -160,9 +160,22 @@ const MAX_REPLAY_SCAN: u64 = 10_000;
 /// outage's letters does not hit the services with all of them at once.
 pub const REPLAY_PER_SECOND: u32 = 200;
 
+/// A replayed dead letter as a repair's finding.
+fn replayed(saga_id: &str, outcome: &ReplayOutcome) -> SagaFinding {
+    let repaired = matches!(outcome.outcome.as_str(), "replayed" | "already_replayed");
+    SagaFinding {
+        kind: "saga_stuck".to_owned(),
+        id: saga_id.to_owned(),
+        repaired,
+        action: match &outcome.detail {
+            Some(detail) => format!("dead letter {}: {} ({detail})", outcome.id, outcome.outcome),
+            None => format!("dead letter {}: {}", outcome.id, outcome.outcome),
+        },
+    }
+}
+
 /// Whether a dead letter's saga belongs to a campaign.
 fn of_campaign(letter: &dead_letter::Model, campaign_id: &str) -> bool {
-    use redpacket_common::messages::SagaEvent;
     match Envelope::from_bytes(letter.message.as_bytes()) {
         Ok(envelope) => match envelope.event {
             SagaEvent::GrabClaimed { campaign_id: c, .. }
@@ -191,6 +204,77 @@ pub struct SagaChecks {
     pub checks: Vec<CheckView>,
 }
 
+/// A claim the campaign service still shows `pending` past the repair's age bound: its grab
+/// saga may be lost.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+pub struct GrabToCheck {
+    pub claim_id: String,
+    pub campaign_id: String,
+    pub user_id: String,
+    pub packet_seq: u32,
+    pub amount: i64,
+    pub currency: String,
+    pub grabbed_at_ms: i64,
+}
+
+/// A campaign ended and not settled past the repair's age bound: its refund saga may be lost.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+pub struct RefundToCheck {
+    pub campaign_id: String,
+    pub merchant_id: String,
+    pub currency: String,
+    pub total_amount: i64,
+}
+
+/// What an operator's repair asks of the saga worker.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct SagaRepairBody {
+    /// Claims whose grab saga to look at (at most 500 with `refunds`).
+    #[oai(default)]
+    #[serde(default)]
+    pub grabs: Vec<GrabToCheck>,
+    /// Campaigns whose refund saga to look at.
+    #[oai(default)]
+    #[serde(default)]
+    pub refunds: Vec<RefundToCheck>,
+    /// The most stuck or stalled sagas taken besides those (1-500, default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// A running saga that has not moved for this long is re-driven (1,000 to 86,400,000 ms;
+    /// default 60,000, the sweeper's bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_after_ms: Option<i64>,
+}
+
+/// One thing a repair found wrong, and what became of it.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+pub struct SagaFinding {
+    /// `claim_pending` (a claim with no live saga), `campaign_unsettled` (an ended campaign
+    /// with no live refund), `saga_stuck` (dead-lettered) or `saga_stalled` (no progress).
+    pub kind: String,
+    /// The saga (`grab:{claim}`, `refund:{campaign}`, `fund:{campaign}`).
+    pub id: String,
+    /// Whether it was repaired (re-driven or replayed).
+    pub repaired: bool,
+    /// What was done, or why it could not be.
+    pub action: String,
+}
+
+/// What the saga worker repaired.
+#[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
+pub struct SagaRepairReport {
+    pub findings: Vec<SagaFinding>,
+    /// Whether stuck or stalled sagas may remain beyond this call's limit or time.
+    pub more: bool,
+}
+
+/// The most items one repair call takes: sagas to look at, and stuck or stalled ones.
+pub const MAX_REPAIR_ITEMS: u64 = 500;
+/// Time one repair call may spend before it answers what it did.
+pub const REPAIR_TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Stuck sagas named at most in the reconciliation's detail.
 const STUCK_SHOWN: u64 = 20;
 
@@ -199,6 +283,8 @@ const STUCK_SHOWN: u64 = 20;
 pub struct SagaApi {
     pub store: SagaStore,
     pub broker: std::sync::Arc<dyn Bus>,
+    /// One operator repair at a time per process.
+    repair_gate: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 fn limit_of(limit: Option<u64>) -> Result<u64, Problem> {
@@ -284,6 +370,129 @@ impl SagaApi {
                 detail,
             }],
         }))
+    }
+
+    /// Repair sagas (operator, through the gateway): each claim and campaign given whose saga
+    /// is missing, stuck or stalled is re-driven (a stuck one by replaying its dead letter);
+    /// then waiting dead letters are replayed and stalled sagas re-driven, at most `limit` of
+    /// them and 5 s a call. Every step is idempotent by its transfer id (`grab:{claim}`,
+    /// `refund:{campaign}`), so a saga driven twice moves money once. One repair at a time.
+    #[oai(path = "/repair", method = "post", tag = "ApiTags::Sagas")]
+    async fn repair(&self, body: Json<SagaRepairBody>) -> Result<Json<SagaRepairReport>, Problem> {
+        let body = body.0;
+        let limit = body.limit.unwrap_or(100);
+        if !(1..=MAX_REPAIR_ITEMS).contains(&limit) {
+            return Err(Problem::unprocessable(
+                "invalid_limit",
+                format!("`limit` must be between 1 and {MAX_REPAIR_ITEMS}"),
+            )
+            .with_field("limit"));
+        }
+        if (body.grabs.len() + body.refunds.len()) as u64 > MAX_REPAIR_ITEMS {
+            return Err(Problem::unprocessable(
+                "too_many_items",
+                format!("at most {MAX_REPAIR_ITEMS} grabs and refunds together"),
+            )
+            .with_field("grabs"));
+        }
+        let stalled_after_ms = body.stalled_after_ms.unwrap_or(60_000);
+        if !(1_000..=86_400_000).contains(&stalled_after_ms) {
+            return Err(Problem::unprocessable(
+                "invalid_field",
+                "`stalled_after_ms` must be between 1,000 and 86,400,000",
+            )
+            .with_field("stalled_after_ms"));
+        }
+        let _permit = self.repair_gate.try_acquire().map_err(|_| {
+            Problem::unavailable(
+                "repair_in_progress",
+                "a repair is already running in this process; try again when it is done",
+            )
+        })?;
+        let started = std::time::Instant::now();
+        let stalled_before = chrono::Utc::now().timestamp_millis() - stalled_after_ms;
+        let mut report = SagaRepairReport {
+            findings: Vec::new(),
+            more: false,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let events = body
+            .grabs
+            .into_iter()
+            .map(|grab| {
+                (
+                    "claim_pending",
+                    SagaEvent::GrabClaimed {
+                        claim_id: grab.claim_id,
+                        campaign_id: grab.campaign_id,
+                        user_id: grab.user_id,
+                        packet_seq: grab.packet_seq,
+                        amount: grab.amount,
+                        currency: grab.currency,
+                        grabbed_at_ms: grab.grabbed_at_ms,
+                    },
+                )
+            })
+            .chain(body.refunds.into_iter().map(|refund| {
+                (
+                    "campaign_unsettled",
+                    SagaEvent::CampaignEnded {
+                        campaign_id: refund.campaign_id,
+                        merchant_id: refund.merchant_id,
+                        currency: refund.currency,
+                        total_amount: refund.total_amount,
+                    },
+                )
+            }));
+        for (kind, event) in events {
+            if started.elapsed() >= REPAIR_TIME_BUDGET {
+                report.more = true;
+                break;
+            }
+            seen.insert(event.saga_id());
+            if let Some(finding) = self.redrive(kind, event, stalled_before).await? {
+                report.findings.push(finding);
+            }
+        }
+        // Sagas out of retries or waiting past their bound, whoever's they are.
+        let letters = self
+            .store
+            .waiting_letters(0, limit)
+            .await
+            .map_err(store_failure)?;
+        report.more |= letters.len() as u64 == limit;
+        for letter in letters {
+            if started.elapsed() >= REPAIR_TIME_BUDGET {
+                report.more = true;
+                break;
+            }
+            if !seen.insert(letter.saga_id.clone()) {
+                continue;
+            }
+            let outcome = self.replay_letter(&letter).await?;
+            report.findings.push(replayed(&letter.saga_id, &outcome));
+            tokio::time::sleep(std::time::Duration::from_secs(1) / REPLAY_PER_SECOND).await;
+        }
+        // Sagas that stopped moving (the sweeper's work, done now).
+        let stalled = self
+            .store
+            .stalled(stalled_before, limit)
+            .await
+            .map_err(store_failure)?;
+        report.more |= stalled.len() as u64 == limit;
+        for saga in stalled {
+            if started.elapsed() >= REPAIR_TIME_BUDGET {
+                report.more = true;
+                break;
+            }
+            if !seen.insert(saga.id.clone()) {
+                continue;
+            }
+            report
+                .findings
+                .push(self.republish("saga_stalled", &saga).await);
+        }
+        Ok(Json(report))
     }
 
     /// The dead letters, newest first.
@@ -431,6 +640,115 @@ impl SagaApi {
 }
 
 impl SagaApi {
+    pub fn new(store: SagaStore, broker: std::sync::Arc<dyn Bus>) -> Self {
+        SagaApi {
+            store,
+            broker,
+            repair_gate: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    /// Looks at the saga an event drives and re-drives it when it is missing, stuck or
+    /// stalled; `None` when it is moving (or just finished).
+    async fn redrive(
+        &self,
+        kind: &str,
+        event: SagaEvent,
+        stalled_before: i64,
+    ) -> Result<Option<SagaFinding>, Problem> {
+        let saga_id = event.saga_id();
+        let finding = |repaired: bool, action: String| SagaFinding {
+            kind: kind.to_owned(),
+            id: saga_id.clone(),
+            repaired,
+            action,
+        };
+        let saga = self.store.get(&saga_id).await.map_err(store_failure)?;
+        if saga
+            .as_ref()
+            .is_none_or(|saga| !crate::store::state::is_terminal(&saga.state))
+            && let Some(letter) = self
+                .store
+                .waiting_letter_of(&saga_id)
+                .await
+                .map_err(store_failure)?
+        {
+            // Given up (out of retries, or waiting past its bound): its dead letter is replayed,
+            // which marks it, so the next repair does not replay it again.
+            let outcome = self.replay_letter(&letter).await?;
+            let mut replayed = replayed(&saga_id, &outcome);
+            replayed.kind = kind.to_owned();
+            return Ok(Some(replayed));
+        }
+        let Some(saga) = saga else {
+            let envelope = Envelope::new(format!("repair:{saga_id}"), None, event);
+            return Ok(Some(match self.publish(&envelope).await {
+                Ok(()) => finding(true, "no saga had started: started it".to_owned()),
+                Err(err) => finding(false, format!("no saga had started; not started: {err}")),
+            }));
+        };
+        if saga.state == crate::store::state::STUCK {
+            // Stuck with no letter waiting (replayed already, and lost again): sent afresh.
+            return Ok(Some(self.republish(kind, &saga).await));
+        }
+        if saga.state == crate::store::state::RUNNING {
+            // Moving (or waiting for a retry) unless it made no progress for the bound.
+            if saga.updated_at_ms < stalled_before {
+                return Ok(Some(self.republish(kind, &saga).await));
+            }
+            return Ok(None);
+        }
+        // Finished, yet its campaign still shows it unfinished: unless it finished a moment
+        // ago (the campaign's answer was read before), the two disagree, for an operator.
+        Ok((saga.updated_at_ms < stalled_before).then(|| {
+            finding(
+                false,
+                format!(
+                    "the saga is {} but the campaign service still shows it unfinished",
+                    saga.state
+                ),
+            )
+        }))
+    }
+
+    /// Publishes a saga's message again with fresh retries, as the sweeper does.
+    async fn republish(&self, kind: &str, saga: &saga::Model) -> SagaFinding {
+        let finding = |repaired: bool, action: String| SagaFinding {
+            kind: kind.to_owned(),
+            id: saga.id.clone(),
+            repaired,
+            action,
+        };
+        let envelope = match Envelope::from_bytes(saga.payload.as_bytes()) {
+            Ok(envelope) => envelope.restarted(),
+            Err(reason) => {
+                return finding(false, format!("its message is unreadable: {reason}"));
+            }
+        };
+        match self.publish(&envelope).await {
+            Ok(()) => {
+                let _ = self
+                    .store
+                    .note_error(&saga.id, "re-driven by an operator's repair")
+                    .await;
+                finding(true, format!("{} without progress: re-driven", saga.state))
+            }
+            Err(err) => finding(false, format!("not re-driven: {err}")),
+        }
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<(), String> {
+        let message_id = format!(
+            "repair:{}:{}",
+            envelope.event.saga_id(),
+            chrono::Utc::now().timestamp_millis()
+        );
+        self.broker
+            .publish("work", &message_id, &envelope.to_bytes())
+            .await
+            .map_err(|err| err.to_string())
+    }
+
     /// Sends one dead letter's message back to the work queue, unless an earlier replay did.
     async fn replay_letter(&self, letter: &dead_letter::Model) -> Result<ReplayOutcome, Problem> {
         let outcome = |outcome: &str, detail: Option<String>| ReplayOutcome {

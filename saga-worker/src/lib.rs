@@ -435,10 +435,7 @@ impl Application {
         let metrics = Metrics::new("saga-worker");
         register_worker_metrics(&metrics, self.stats.clone());
         let api = OpenApiService::new(
-            api::SagaApi {
-                store: self.engine.store.clone(),
-                broker: self.bus.clone(),
-            },
+            api::SagaApi::new(self.engine.store.clone(), self.bus.clone()),
             "Red-packet saga worker (internal)",
             env!("CARGO_PKG_VERSION"),
         );

@@ -291,6 +291,19 @@ impl SagaStore {
             .await
     }
 
+    /// The oldest dead letter of a saga still waiting for an operator.
+    pub async fn waiting_letter_of(
+        &self,
+        saga_id: &str,
+    ) -> Result<Option<dead_letter::Model>, DbErr> {
+        dead_letter::Entity::find()
+            .filter(dead_letter::Column::SagaId.eq(saga_id))
+            .filter(dead_letter::Column::ReplayedAtMs.is_null())
+            .order_by_asc(dead_letter::Column::Id)
+            .one(&self.db)
+            .await
+    }
+
     pub async fn dead_letter(&self, id: i64) -> Result<Option<dead_letter::Model>, DbErr> {
         dead_letter::Entity::find_by_id(id).one(&self.db).await
     }

@@ -9,3 +9,4 @@ mod helpers;
 mod overload;
 mod pool_loss;
 mod redis_settings;
+mod repair;

@@ -5,6 +5,7 @@ mod auth;
 mod connections;
 mod flow;
 mod idempotency;
+mod repair;
 mod resilience;
 mod spec;
 mod system;

@@ -127,6 +127,10 @@ pub struct System {
     pub gateway: Gateway,
     pub campaign_url: String,
     pub campaigns: CampaignService,
+    /// The key prefix of the campaign service's pools and the saga worker's leases.
+    pub redis_prefix: String,
+    /// The saga worker's tables, for tests that break a saga on purpose.
+    pub sagas: redpacket_saga_worker::store::SagaStore,
     stop_campaign: Option<oneshot::Sender<()>>,
     _stops: Vec<oneshot::Sender<()>>,
     _databases: Vec<TestDatabase>,
@@ -177,7 +181,9 @@ impl System {
             Arc::new(pool),
             Arc::new(SnowflakeGenerator::new(rand_id() % 512).unwrap()),
             4,
-        );
+        )
+        // A lost pool is rebuilt a second after its claims went quiet, not a minute.
+        .with_rebuild_quiet(Duration::from_secs(1));
         let campaign = redpacket_campaign::Application::with_service(
             campaigns.clone(),
             "127.0.0.1:0".parse().unwrap(),
@@ -190,7 +196,7 @@ impl System {
             let _ = stopped.await;
         }));
 
-        let (saga_database, _saga_db) = database().await;
+        let (saga_database, saga_db) = database().await;
         let saga_db_url = saga_database.url.clone();
         databases.push(saga_database);
         let config = SagaConfig {
@@ -201,7 +207,7 @@ impl System {
             wallet_url: wallet_url.clone(),
             worker_id: 512 + rand_id() % 500,
             listen: "127.0.0.1:0".parse().unwrap(),
-            redis_prefix,
+            redis_prefix: redis_prefix.clone(),
             amqp_prefix: format!("rpt.{suffix}"),
             prefetch: 256,
             credit_batch: 200,
@@ -229,6 +235,8 @@ impl System {
             gateway,
             campaign_url,
             campaigns,
+            redis_prefix,
+            sagas: redpacket_saga_worker::store::SagaStore::new(saga_db),
             stop_campaign: Some(stop_campaign),
             _stops: stops,
             _databases: databases,

@@ -8,6 +8,7 @@ mod helpers;
 mod outage;
 mod redis_loss;
 mod refusals;
+mod repair;
 mod replay;
 mod sagas;
 mod waits;
