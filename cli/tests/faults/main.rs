@@ -11,7 +11,7 @@
 //! - each granted user's balance is the sum of their credited claims, and each of their 200
 //!   grabs is among their claims, credited or compensated, with the amount they were answered;
 //! - the campaign, once ended, settles with the exact refund: total − credited;
-//! - `redpacket reconcile` passes.
+//! - `redpacket reconcile --repair` passes and finds nothing left behind to repair.
 //!
 //! A seed picks the faults' moments (`RP_FAULT_SEED` replays one); a failing run prints it with
 //! the command that replays it. Each scenario writes its row of RELIABILITY.md's table to
@@ -371,23 +371,44 @@ async fn check_users(
         .await
 }
 
-/// `redpacket reconcile` against the gateway, as an operator runs it.
+/// `redpacket reconcile --repair` against the gateway, as an operator runs it after an
+/// incident: it must pass, and find nothing to repair, since the system converged on its own.
 async fn reconcile(system: &System) -> Vec<String> {
     let output = tokio::process::Command::new(BIN)
-        .args(["reconcile", "--json", "--gateway", &system.url()])
+        .args([
+            "reconcile",
+            "--repair",
+            "--min-age-ms",
+            "0",
+            "--json",
+            "--gateway",
+            &system.url(),
+        ])
         .env("RP_AUTH_SECRET", &system.secret)
         .output()
         .await
         .expect("redpacket reconcile runs");
-    if output.status.success() {
-        Vec::new()
-    } else {
-        vec![format!(
-            "redpacket reconcile failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut found = Vec::new();
+    if !output.status.success() {
+        found.push(format!(
+            "redpacket reconcile --repair failed: {stdout}{}",
             String::from_utf8_lossy(&output.stderr)
-        )]
+        ));
     }
+    let findings = serde_json::from_str::<Value>(&stdout)
+        .ok()
+        .and_then(|out| out["repair"]["findings"].as_array().map(Vec::len));
+    match findings {
+        Some(0) => {}
+        Some(_) => found.push(format!(
+            "redpacket reconcile --repair found something left behind: {stdout}"
+        )),
+        None => found.push(format!(
+            "redpacket reconcile --repair printed no findings: {stdout}"
+        )),
+    }
+    found
 }
 
 fn write_row(name: &str, seed: u64, runs: u64, report: &Report, took: Duration) {
