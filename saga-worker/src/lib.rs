@@ -14,6 +14,8 @@ pub mod engine;
 pub mod entity;
 pub mod grabs;
 pub mod relay;
+#[cfg(feature = "simulation")]
+pub mod simulation;
 pub mod store;
 pub mod sweeper;
 pub mod worker;
