@@ -399,8 +399,7 @@ pub trait CampaignApi: Send + Sync + std::fmt::Debug {
     async fn mark_claims_credited(&self, claim_ids: &[&str]) -> Vec<Result<Value, StepError>>;
 
     /// `pending` → `credited`; already credited answers as it is.
-    async fn mark_credited(&self, claim_id: &str, request_id: &str)
-    -> Result<Value, StepError>;
+    async fn mark_credited(&self, claim_id: &str, request_id: &str) -> Result<Value, StepError>;
 
     /// `pending` → `compensated` with the reason; its packet goes back while the campaign is
     /// live.
@@ -458,11 +457,7 @@ impl CampaignApi for CampaignClient {
         send_batch(|| self.post("/claims/batch/credited", ""), "ids", &ids).await
     }
 
-    async fn mark_credited(
-        &self,
-        claim_id: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
+    async fn mark_credited(&self, claim_id: &str, request_id: &str) -> Result<Value, StepError> {
         send(
             self.post(&format!("/claims/{claim_id}/credited"), request_id)
                 .json(&json!({})),
@@ -483,11 +478,7 @@ impl CampaignApi for CampaignClient {
         .await
     }
 
-    async fn mark_funded(
-        &self,
-        campaign_id: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
+    async fn mark_funded(&self, campaign_id: &str, request_id: &str) -> Result<Value, StepError> {
         send(
             self.post(&format!("/campaigns/{campaign_id}/funded"), request_id)
                 .json(&json!({})),

@@ -8,7 +8,7 @@
 use redpacket_saga_worker::simulation::{Options, run_seed, run_seeds};
 
 /// Seeds a CI run covers.
-const DEFAULT_SEEDS: u64 = 1200;
+const DEFAULT_SEEDS: u64 = 1000;
 /// Trace lines shown with a failure in a run of many seeds.
 const TRACE_TAIL: usize = 80;
 /// Threads the seeds share: the CI machine has two cores.
@@ -55,8 +55,15 @@ fn simulation_replays_a_seed_step_for_step() {
         let first = run_seed(seed, &options).map_err(|f| f.describe(TRACE_TAIL));
         let second = run_seed(seed, &options).map_err(|f| f.describe(TRACE_TAIL));
         let (first, second) = (first.unwrap(), second.unwrap());
-        assert!(first.steps > 50, "seed {seed} ran only {} steps", first.steps);
-        assert_eq!(first.trace, second.trace, "seed {seed} ran differently twice");
+        assert!(
+            first.steps > 50,
+            "seed {seed} ran only {} steps",
+            first.steps
+        );
+        assert_eq!(
+            first.trace, second.trace,
+            "seed {seed} ran differently twice"
+        );
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub seed: u64,
+    /// Whether it ran with the planted bug (its replay needs it too).
+    pub planted_unfenced_writes: bool,
     pub step: usize,
     pub violation: String,
     pub trace: Vec<String>,
@@ -117,17 +119,23 @@ pub struct Failure {
 impl Failure {
     /// The failure, the command that replays it, and the last `tail` steps of its trace.
     pub fn describe(&self, tail: usize) -> String {
+        let seed = self.seed;
+        let replay = if self.planted_unfenced_writes {
+            format!(
+                "cargo run -p redpacket-saga-worker --example simulate -- --planted --seed {seed}"
+            )
+        } else {
+            format!(
+                "RP_SIM_SEED={seed} cargo nextest run -p redpacket-saga-worker -E 'test(=simulation)' --no-capture\n  \
+                 cargo run -p redpacket-saga-worker --example simulate -- --seed {seed}"
+            )
+        };
         let mut text = format!(
-            "simulation seed {} broke an invariant at step {}: {}\n\
-             replay it step for step:\n  \
-             RP_SIM_SEED={} cargo nextest run -p redpacket-saga-worker -E 'test(=simulation)' --no-capture\n  \
-             cargo run -p redpacket-saga-worker --example simulate -- --seed {}\n\
-             trace (last {} of {} steps):\n",
-            self.seed,
+            "simulation seed {seed} broke an invariant at step {}: {}\n\
+             replay it step for step:\n  {replay}\n\
+             trace (last {} of {} lines):\n",
             self.step,
             self.violation,
-            self.seed,
-            self.seed,
             tail.min(self.trace.len()),
             self.trace.len()
         );
@@ -284,7 +292,10 @@ async fn migrated_schema() -> Result<Vec<String>, String> {
         .await
         .map_err(|err| format!("reading the schema: {err}"))?;
     rows.iter()
-        .map(|row| row.try_get_by_index::<String>(0).map_err(|err| err.to_string()))
+        .map(|row| {
+            row.try_get_by_index::<String>(0)
+                .map_err(|err| err.to_string())
+        })
         .collect()
 }
 
@@ -300,8 +311,10 @@ async fn saga_database() -> Result<DatabaseConnection, String> {
 
 impl Simulation {
     async fn run(seed: u64, options: Options) -> Result<Report, Failure> {
+        let planted_unfenced_writes = options.planted_unfenced_writes;
         let fail = |violation: String| Failure {
             seed,
+            planted_unfenced_writes,
             step: 0,
             violation,
             trace: Vec::new(),
@@ -370,6 +383,7 @@ impl Simulation {
         }
         result.map_err(|violation| Failure {
             seed,
+            planted_unfenced_writes,
             step: simulation.step,
             violation,
             trace: std::mem::take(&mut simulation.trace),
@@ -832,8 +846,16 @@ impl Simulation {
             world
                 .queue
                 .push(&envelope.message_id, envelope.to_bytes(), now);
+            // The relay publishes at least once: a publish whose confirm was lost is sent again.
+            let twice = world.rng.chance(15);
+            if twice {
+                world
+                    .queue
+                    .push(&envelope.message_id, envelope.to_bytes(), now);
+            }
             Some(format!(
-                "grab: {user} takes packet {seq} ({amount}) of campaign {campaign_id}: claim {claim_id}"
+                "grab: {user} takes packet {seq} ({amount}) of campaign {campaign_id}: claim {claim_id}{}",
+                if twice { ", handed off twice" } else { "" }
             ))
         });
         if let Some(line) = line {
@@ -1010,7 +1032,10 @@ impl Simulation {
                     changed.push((id.clone(), before.clone(), view.clone()));
                 }
                 if state::is_terminal(&before.state) && view.state == state::RUNNING {
-                    return Err(format!("saga {id} went from {} back to running", before.state));
+                    return Err(format!(
+                        "saga {id} went from {} back to running",
+                        before.state
+                    ));
                 }
             }
             views.insert(id, view);
@@ -1022,7 +1047,9 @@ impl Simulation {
                 .sim
                 .with(|world| world.leases.grants.get(&(actor, key)).copied());
             let Some(fence) = fence else {
-                return Err(format!("saga row {id} was written by P{actor}, which never held its lease"));
+                return Err(format!(
+                    "saga row {id} was written by P{actor}, which never held its lease"
+                ));
             };
             if i64::try_from(fence).unwrap_or(i64::MAX) < after.fence {
                 return Err(format!(
@@ -1039,9 +1066,11 @@ impl Simulation {
         let busy = self.sim.with(|world| {
             !world.live.is_empty()
                 || !world.queue.messages.is_empty()
-                || world.campaigns.campaigns.values().any(|c| {
-                    !matches!(c.status, Status::Settled | Status::Rejected)
-                })
+                || world
+                    .campaigns
+                    .campaigns
+                    .values()
+                    .any(|c| !matches!(c.status, Status::Settled | Status::Rejected))
                 || world
                     .campaigns
                     .claims
@@ -1064,7 +1093,10 @@ impl Simulation {
             .await
             .map_err(|err| format!("reading the dead letters: {err}"))?;
         if let Some(letter) = letters.first() {
-            return Err(format!("dead letter for {}: {}", letter.saga_id, letter.reason));
+            return Err(format!(
+                "dead letter for {}: {}",
+                letter.saga_id, letter.reason
+            ));
         }
         self.sim.with(|world| {
             for claim in world.campaigns.claims.values() {
@@ -1085,9 +1117,16 @@ impl Simulation {
                     ));
                 }
                 let row = rows.iter().find(|r| r.id == format!("grab:{}", claim.id));
-                let row_state = if foreign { state::COMPENSATED } else { state::COMPLETED };
+                let row_state = if foreign {
+                    state::COMPENSATED
+                } else {
+                    state::COMPLETED
+                };
                 if row.is_none_or(|r| r.state != row_state) {
-                    return Err(format!("the saga of claim {} did not end {row_state}", claim.id));
+                    return Err(format!(
+                        "the saga of claim {} did not end {row_state}",
+                        claim.id
+                    ));
                 }
             }
             Ok(true)

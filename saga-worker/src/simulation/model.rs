@@ -39,7 +39,10 @@ impl Wallet {
             } else {
                 Err(refused(
                     "transfer_conflict",
-                    format!("transfer `{}` was applied with a different body", transfer.id),
+                    format!(
+                        "transfer `{}` was applied with a different body",
+                        transfer.id
+                    ),
                 ))
             };
         }
@@ -82,7 +85,9 @@ impl Wallet {
     }
 
     pub fn balance(&self, account: &str) -> i64 {
-        self.accounts.get(account).map_or(0, |(_, balance)| *balance)
+        self.accounts
+            .get(account)
+            .map_or(0, |(_, balance)| *balance)
     }
 }
 
@@ -113,7 +118,10 @@ impl Status {
     }
 
     fn ended(self) -> bool {
-        matches!(self, Status::Exhausted | Status::Expired | Status::Cancelled)
+        matches!(
+            self,
+            Status::Exhausted | Status::Expired | Status::Cancelled
+        )
     }
 }
 
@@ -199,7 +207,10 @@ impl Campaigns {
     /// match the grab (its packet, amount, user) is refused.
     pub fn record(&mut self, id: &str, body: &Value) -> Result<Value, StepError> {
         let Some(claim) = self.claims.get_mut(id) else {
-            return Err(refused("claim_state", format!("claim `{id}` matches no grab")));
+            return Err(refused(
+                "claim_state",
+                format!("claim `{id}` matches no grab"),
+            ));
         };
         let matches = body["campaign_id"] == claim.campaign.as_str()
             && body["user_id"] == claim.user.as_str()
@@ -313,8 +324,7 @@ impl Campaigns {
             .ok_or_else(|| refused("campaign_not_found", format!("campaign `{id}`")))?;
         let counts = self.counts(id);
         let grabbed = i64::try_from(campaign.packets.len() - campaign.pool.len()).unwrap_or(0);
-        let in_flight =
-            grabbed - counts.credited - (counts.compensated - counts.returned_to_pool);
+        let in_flight = grabbed - counts.credited - (counts.compensated - counts.returned_to_pool);
         Ok(json!({
             "status": campaign.status.as_str(),
             "amount_total": campaign.total(),
@@ -371,24 +381,36 @@ pub(crate) fn check_money(wallet: &Wallet, campaigns: &Campaigns) -> Result<(), 
                 if debit == transfer.debit
                     && credit == transfer.credit
                     && amount.is_none_or(|amount| amount == transfer.amount) => {}
-            _ => return Err(format!("transfer {id} moved money it should not: {transfer:?}")),
+            _ => {
+                return Err(format!(
+                    "transfer {id} moved money it should not: {transfer:?}"
+                ));
+            }
         }
     }
     for claim in campaigns.claims.values() {
         let credited = wallet.transfers.contains_key(&format!("grab:{}", claim.id));
         match claim.recorded {
             Some(ClaimStatus::Credited) if !credited => {
-                return Err(format!("claim {} is marked credited but was never credited", claim.id));
+                return Err(format!(
+                    "claim {} is marked credited but was never credited",
+                    claim.id
+                ));
             }
             Some(ClaimStatus::Compensated) if credited => {
-                return Err(format!("claim {} is compensated but was credited", claim.id));
+                return Err(format!(
+                    "claim {} is compensated but was credited",
+                    claim.id
+                ));
             }
             _ => {}
         }
     }
     for campaign in campaigns.campaigns.values() {
         let escrow = wallet.balance(&format!("escrow:{}", campaign.id));
-        let funded = wallet.transfers.contains_key(&format!("fund:{}", campaign.id));
+        let funded = wallet
+            .transfers
+            .contains_key(&format!("fund:{}", campaign.id));
         let refund = wallet
             .transfers
             .get(&format!("refund:{}", campaign.id))
@@ -427,11 +449,9 @@ pub(crate) fn check_money(wallet: &Wallet, campaigns: &Campaigns) -> Result<(), 
                     campaign.id, campaign.amount_refunded
                 ));
             }
-            if let Some(claim) = campaigns
-                .claims
-                .values()
-                .find(|c| c.campaign == campaign.id && c.recorded.is_none_or(|s| s == ClaimStatus::Pending))
-            {
+            if let Some(claim) = campaigns.claims.values().find(|c| {
+                c.campaign == campaign.id && c.recorded.is_none_or(|s| s == ClaimStatus::Pending)
+            }) {
                 return Err(format!(
                     "campaign {} settled with claim {} still in flight",
                     campaign.id, claim.id

@@ -293,7 +293,10 @@ impl CampaignApi for SimCampaign {
     }
 
     async fn record_claims(&self, claims: &[Value]) -> Vec<Result<Value, StepError>> {
-        let ids: Vec<&str> = claims.iter().map(|c| c["id"].as_str().unwrap_or("")).collect();
+        let ids: Vec<&str> = claims
+            .iter()
+            .map(|c| c["id"].as_str().unwrap_or(""))
+            .collect();
         let call = format!("campaign.record_claims [{}]", ids.join(" "));
         self.0
             .batch(call, claims.len(), |world| {
@@ -452,7 +455,10 @@ impl Bus for SimBus {
                 }
                 None if routing_key == "work" => now,
                 None if routing_key == "dead" => {
-                    world.queue.dead.extend(ids.iter().map(|id| (*id).to_owned()));
+                    world
+                        .queue
+                        .dead
+                        .extend(ids.iter().map(|id| (*id).to_owned()));
                     return Ok(());
                 }
                 None => return Err(bus_error("no such queue")),
@@ -531,7 +537,10 @@ impl SimLeases {
             }
             (Some(fence), granted)
         });
-        self.0.answer(fault, &call).await.map_err(|_| lease_error())?;
+        self.0
+            .answer(fault, &call)
+            .await
+            .map_err(|_| lease_error())?;
         Ok(answer)
     }
 
@@ -552,7 +561,10 @@ impl SimLeases {
             }
             all
         });
-        self.0.answer(fault, &call).await.map_err(|_| lease_error())?;
+        self.0
+            .answer(fault, &call)
+            .await
+            .map_err(|_| lease_error())?;
         Ok(released)
     }
 
@@ -588,7 +600,8 @@ impl LeaseStore for SimLeases {
     }
 
     fn raise_floor(&self, fence: u64) {
-        self.0.with(|world| world.leases.fence = world.leases.fence.max(fence));
+        self.0
+            .with(|world| world.leases.fence = world.leases.fence.max(fence));
     }
 
     async fn grant_many(
