@@ -634,13 +634,12 @@ impl Simulation {
             (participant, parked, roll)
         });
         let parked = parked?;
-        let sweeper = self.sweeper == Some(participant);
         let fault = match roll {
             _ if !chaos => Fault::Ok,
             0..=5 => Fault::Fail,
             6..=9 => Fault::Lost,
             10..=14 => Fault::Late,
-            15..=18 if !sweeper => {
+            15..=18 => {
                 self.crash(participant, &parked.call).await;
                 return None;
             }
@@ -655,6 +654,9 @@ impl Simulation {
     /// unacknowledged (the broker delivers them again) and its leases run out.
     async fn crash(&mut self, participant: ParticipantId, call: &str) {
         self.note(format!("P{participant} crashes at {call}"));
+        if self.sweeper == Some(participant) {
+            self.sweeper = None;
+        }
         if let Some(task) = self.tasks.remove(&participant) {
             task.abort();
             let _ = task.await;
