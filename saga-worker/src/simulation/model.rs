@@ -429,6 +429,12 @@ pub(crate) fn check_money(wallet: &Wallet, campaigns: &Campaigns) -> Result<(), 
             (true, None) => not_credited,
             (true, Some(refund)) => not_credited - refund,
         };
+        if campaign.status == Status::Rejected && funded {
+            return Err(format!(
+                "campaign {} is rejected, yet its funding moved the money",
+                campaign.id
+            ));
+        }
         if escrow != expected {
             return Err(format!(
                 "escrow of campaign {} holds {escrow}, not {expected} (funded {funded}, refund {refund:?})",
