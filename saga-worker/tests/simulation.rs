@@ -8,7 +8,7 @@
 use redpacket_saga_worker::simulation::{Options, run_seed, run_seeds};
 
 /// Seeds a CI run covers.
-const DEFAULT_SEEDS: u64 = 1000;
+const DEFAULT_SEEDS: u64 = 2000;
 /// Trace lines shown with a failure in a run of many seeds.
 const TRACE_TAIL: usize = 80;
 /// Threads the seeds share: the CI machine has two cores.

@@ -650,8 +650,8 @@ impl Simulation {
         Some(participant)
     }
 
-    /// Drops a worker's handling at its hook, as a process dies: its deliveries stay
-    /// unacknowledged (the broker delivers them again) and its leases run out.
+    /// Drops a participant at its hook, as its process dies: a worker's deliveries stay
+    /// unacknowledged (the broker delivers them again), and its leases run out.
     async fn crash(&mut self, participant: ParticipantId, call: &str) {
         self.note(format!("P{participant} crashes at {call}"));
         if self.sweeper == Some(participant) {
@@ -700,6 +700,7 @@ impl Simulation {
     /// together to one batch as the grab batcher gathers them.
     fn deliver(&mut self) -> Option<ParticipantId> {
         let now = self.now();
+        // The participant the delivery will run as (the next spawned): its tags name it.
         let participant = self.next_participant + 1;
         let picked = self.sim.with(|world| {
             let available: Vec<u64> = world
