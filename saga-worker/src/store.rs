@@ -3,9 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redpacket_common::ids::{Clock, SystemClock};
-
 use redpacket_common::db::plan_as_lookups;
+use redpacket_common::ids::{Clock, SystemClock};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
