@@ -449,6 +449,11 @@ impl LeaseManager {
         }
     }
 
+    /// Leases over any [`LeaseStore`] (a simulation's, which plays expiries and takeovers).
+    pub fn with_store(store: std::sync::Arc<dyn LeaseStore>) -> Self {
+        LeaseManager { store }
+    }
+
     /// Makes every later fencing token higher than `fence`: call it with the highest token a
     /// resource holds, so that a store that lost its counter cannot hand out older ones.
     pub fn raise_floor(&self, fence: u64) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::clients::{StepError, Transfer, WalletClient};
+use crate::clients::{StepError, Transfer, WalletApi};
 
 /// The most items in one batch: the wallet's and the campaign service's bound on a batch call.
 pub const MAX_BATCH: usize = 1000;
@@ -117,32 +117,52 @@ const CREDITS_IN_FLIGHT: usize = 2;
 /// Credits from sagas driven one by one, gathered into the wallet's batch endpoint.
 #[derive(Debug, Clone)]
 pub struct CreditBatcher {
-    batcher: Batcher<Transfer, Result<(), StepError>>,
+    route: CreditRoute,
+}
+
+#[derive(Debug, Clone)]
+enum CreditRoute {
+    Batched(Batcher<Transfer, Result<(), StepError>>),
+    /// Each credit applied by its caller's own task, one transfer per call: no batching task
+    /// and no linger timer, so a caller's calls are all its own (a deterministic simulation
+    /// schedules callers one call at a time).
+    Inline(Arc<dyn WalletApi>),
 }
 
 impl CreditBatcher {
     /// Starts the credit batcher. `max_batch` 1 sends every credit on its own (one transfer per
     /// request), the baseline the batching is measured against.
-    pub fn start(wallet: WalletClient, max_batch: usize, linger: Duration) -> Self {
+    pub fn start(wallet: Arc<dyn WalletApi>, max_batch: usize, linger: Duration) -> Self {
         let batcher = Batcher::start(max_batch, linger, CREDITS_IN_FLIGHT, move |transfers| {
             let wallet = wallet.clone();
-            async move { credit_all(&wallet, &transfers).await }
+            async move { credit_all(&*wallet, &transfers).await }
         });
-        CreditBatcher { batcher }
+        CreditBatcher {
+            route: CreditRoute::Batched(batcher),
+        }
+    }
+
+    /// Credits applied one by one in the caller's task, without a batching task.
+    pub fn inline(wallet: Arc<dyn WalletApi>) -> Self {
+        CreditBatcher {
+            route: CreditRoute::Inline(wallet),
+        }
     }
 
     /// Applies one credit, batched with others; its own result.
     pub async fn credit(&self, transfer: Transfer) -> Result<(), StepError> {
-        self.batcher
-            .submit(transfer)
-            .await
-            .unwrap_or_else(|| Err(StepError::transient("the credit batcher dropped a credit")))
+        match &self.route {
+            CreditRoute::Batched(batcher) => batcher.submit(transfer).await.unwrap_or_else(|| {
+                Err(StepError::transient("the credit batcher dropped a credit"))
+            }),
+            CreditRoute::Inline(wallet) => wallet.transfer(&transfer, "").await.map(|_| ()),
+        }
     }
 }
 
 /// Applies transfers, one request for the lot: each transfer's own result, in order.
 pub async fn credit_all(
-    wallet: &WalletClient,
+    wallet: &dyn WalletApi,
     transfers: &[Transfer],
 ) -> Vec<Result<(), StepError>> {
     if let [transfer] = transfers {

@@ -270,12 +270,26 @@ impl WalletClient {
             base: base.trim_end_matches('/').to_owned(),
         }
     }
+}
 
-    pub async fn transfer(
-        &self,
-        transfer: &Transfer,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
+/// What the sagas ask of the wallet. [`WalletClient`] answers it over HTTP; the engine holds
+/// it as a trait object so that a deterministic simulation can stand in for the wallet.
+#[async_trait::async_trait]
+pub trait WalletApi: Send + Sync + std::fmt::Debug {
+    /// Applies one transfer, idempotent by its id.
+    async fn transfer(&self, transfer: &Transfer, request_id: &str) -> Result<Value, StepError>;
+
+    /// Applies transfers in batch calls (one for up to 1,000 unless the size bound splits
+    /// them); one result per transfer, in order.
+    async fn transfer_batch(&self, transfers: &[Transfer]) -> Vec<Result<(), StepError>>;
+
+    /// An account's balance; 0 when it was never used.
+    async fn balance(&self, account: &str) -> Result<i64, StepError>;
+}
+
+#[async_trait::async_trait]
+impl WalletApi for WalletClient {
+    async fn transfer(&self, transfer: &Transfer, request_id: &str) -> Result<Value, StepError> {
         send(
             self.http
                 .post(format!("{}/transfers", self.base))
@@ -286,9 +300,7 @@ impl WalletClient {
         .await
     }
 
-    /// Applies transfers in batch calls (one for up to 1,000 unless the size bound splits
-    /// them); one result per transfer, in order.
-    pub async fn transfer_batch(&self, transfers: &[Transfer]) -> Vec<Result<(), StepError>> {
+    async fn transfer_batch(&self, transfers: &[Transfer]) -> Vec<Result<(), StepError>> {
         let items: Vec<Value> = transfers.iter().map(Transfer::to_json).collect();
         let request = || {
             self.http
@@ -302,8 +314,7 @@ impl WalletClient {
             .collect()
     }
 
-    /// An account's balance; 0 when it was never used.
-    pub async fn balance(&self, account: &str) -> Result<i64, StepError> {
+    async fn balance(&self, account: &str) -> Result<i64, StepError> {
         let response = self
             .http
             .get(format!("{}/accounts/{account}", self.base))
@@ -346,102 +357,6 @@ impl CampaignClient {
             .timeout(CALL_TIMEOUT)
     }
 
-    pub async fn record_claim(
-        &self,
-        claim_id: &str,
-        body: &Value,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/claims/{claim_id}/record"), request_id)
-                .json(body),
-        )
-        .await
-    }
-
-    /// Records many claims (each a `record` body with its `id`): one result per claim.
-    pub async fn record_claims(&self, claims: &[Value]) -> Vec<Result<Value, StepError>> {
-        send_batch(|| self.post("/claims/batch/record", ""), "claims", claims).await
-    }
-
-    /// Marks many recorded claims credited: one result per claim.
-    pub async fn mark_claims_credited(&self, claim_ids: &[&str]) -> Vec<Result<Value, StepError>> {
-        let ids: Vec<Value> = claim_ids.iter().map(|&id| Value::from(id)).collect();
-        send_batch(|| self.post("/claims/batch/credited", ""), "ids", &ids).await
-    }
-
-    pub async fn mark_credited(
-        &self,
-        claim_id: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/claims/{claim_id}/credited"), request_id)
-                .json(&json!({})),
-        )
-        .await
-    }
-
-    pub async fn mark_compensated(
-        &self,
-        claim_id: &str,
-        reason: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/claims/{claim_id}/compensated"), request_id)
-                .json(&json!({ "reason": reason })),
-        )
-        .await
-    }
-
-    pub async fn mark_funded(
-        &self,
-        campaign_id: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/campaigns/{campaign_id}/funded"), request_id)
-                .json(&json!({})),
-        )
-        .await
-    }
-
-    pub async fn mark_rejected(
-        &self,
-        campaign_id: &str,
-        reason: &str,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/campaigns/{campaign_id}/rejected"), request_id)
-                .json(&json!({ "reason": reason })),
-        )
-        .await
-    }
-
-    pub async fn mark_settled(
-        &self,
-        campaign_id: &str,
-        amount_refunded: i64,
-        request_id: &str,
-    ) -> Result<Value, StepError> {
-        send(
-            self.post(&format!("/campaigns/{campaign_id}/settled"), request_id)
-                .json(&json!({ "amount_refunded": amount_refunded })),
-        )
-        .await
-    }
-
-    pub async fn stats(&self, campaign_id: &str) -> Result<Value, StepError> {
-        send(
-            self.http
-                .get(format!("{}/campaigns/{campaign_id}/stats", self.base))
-                .timeout(CALL_TIMEOUT),
-        )
-        .await
-    }
-
     /// Outbox events not yet published, oldest first.
     pub async fn outbox(&self, limit: u32) -> Result<Value, StepError> {
         send(
@@ -459,6 +374,149 @@ impl CampaignClient {
                 .post(format!("{}/outbox/ack", self.base))
                 .timeout(CALL_TIMEOUT)
                 .json(&json!({ "ids": ids })),
+        )
+        .await
+    }
+}
+
+/// What the sagas ask of the campaign service. [`CampaignClient`] answers it over HTTP; the
+/// engine holds it as a trait object so that a deterministic simulation can stand in for the
+/// service.
+#[async_trait::async_trait]
+pub trait CampaignApi: Send + Sync + std::fmt::Debug {
+    /// Records a claim from the hand-off (idempotent): the claim as stored.
+    async fn record_claim(
+        &self,
+        claim_id: &str,
+        body: &Value,
+        request_id: &str,
+    ) -> Result<Value, StepError>;
+
+    /// Records many claims (each a `record` body with its `id`): one result per claim.
+    async fn record_claims(&self, claims: &[Value]) -> Vec<Result<Value, StepError>>;
+
+    /// Marks many recorded claims credited: one result per claim.
+    async fn mark_claims_credited(&self, claim_ids: &[&str]) -> Vec<Result<Value, StepError>>;
+
+    /// `pending` → `credited`; already credited answers as it is.
+    async fn mark_credited(&self, claim_id: &str, request_id: &str) -> Result<Value, StepError>;
+
+    /// `pending` → `compensated` with the reason; its packet goes back while the campaign is
+    /// live.
+    async fn mark_compensated(
+        &self,
+        claim_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError>;
+
+    /// `funding` → `scheduled`.
+    async fn mark_funded(&self, campaign_id: &str, request_id: &str) -> Result<Value, StepError>;
+
+    /// `funding` → `rejected` with the reason.
+    async fn mark_rejected(
+        &self,
+        campaign_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError>;
+
+    /// An ended campaign → `settled`, with what its refund returned.
+    async fn mark_settled(
+        &self,
+        campaign_id: &str,
+        amount_refunded: i64,
+        request_id: &str,
+    ) -> Result<Value, StepError>;
+
+    /// The campaign's status and counters.
+    async fn stats(&self, campaign_id: &str) -> Result<Value, StepError>;
+}
+
+#[async_trait::async_trait]
+impl CampaignApi for CampaignClient {
+    async fn record_claim(
+        &self,
+        claim_id: &str,
+        body: &Value,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/record"), request_id)
+                .json(body),
+        )
+        .await
+    }
+
+    async fn record_claims(&self, claims: &[Value]) -> Vec<Result<Value, StepError>> {
+        send_batch(|| self.post("/claims/batch/record", ""), "claims", claims).await
+    }
+
+    async fn mark_claims_credited(&self, claim_ids: &[&str]) -> Vec<Result<Value, StepError>> {
+        let ids: Vec<Value> = claim_ids.iter().map(|&id| Value::from(id)).collect();
+        send_batch(|| self.post("/claims/batch/credited", ""), "ids", &ids).await
+    }
+
+    async fn mark_credited(&self, claim_id: &str, request_id: &str) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/credited"), request_id)
+                .json(&json!({})),
+        )
+        .await
+    }
+
+    async fn mark_compensated(
+        &self,
+        claim_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/claims/{claim_id}/compensated"), request_id)
+                .json(&json!({ "reason": reason })),
+        )
+        .await
+    }
+
+    async fn mark_funded(&self, campaign_id: &str, request_id: &str) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/campaigns/{campaign_id}/funded"), request_id)
+                .json(&json!({})),
+        )
+        .await
+    }
+
+    async fn mark_rejected(
+        &self,
+        campaign_id: &str,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/campaigns/{campaign_id}/rejected"), request_id)
+                .json(&json!({ "reason": reason })),
+        )
+        .await
+    }
+
+    async fn mark_settled(
+        &self,
+        campaign_id: &str,
+        amount_refunded: i64,
+        request_id: &str,
+    ) -> Result<Value, StepError> {
+        send(
+            self.post(&format!("/campaigns/{campaign_id}/settled"), request_id)
+                .json(&json!({ "amount_refunded": amount_refunded })),
+        )
+        .await
+    }
+
+    async fn stats(&self, campaign_id: &str) -> Result<Value, StepError> {
+        send(
+            self.http
+                .get(format!("{}/campaigns/{campaign_id}/stats", self.base))
+                .timeout(CALL_TIMEOUT),
         )
         .await
     }

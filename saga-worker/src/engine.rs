@@ -6,6 +6,7 @@
 //! deterministic key (the transfer id is derived from the claim or campaign id), so a message
 //! delivered twice, or a saga re-driven from the middle, moves no money twice.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redpacket_common::lease::LeaseManager;
@@ -13,7 +14,7 @@ use redpacket_common::messages::{Envelope, SagaEvent};
 use serde_json::{Value, json};
 
 use crate::batcher::CreditBatcher;
-use crate::clients::{CampaignClient, StepError, Transfer, WalletClient};
+use crate::clients::{CampaignApi, StepError, Transfer, WalletApi};
 use crate::store::{SagaStore, state};
 
 /// How long an executor's lease on a saga lasts by default (renewed while it works).
@@ -41,8 +42,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub store: SagaStore,
-    pub campaign: CampaignClient,
-    pub wallet: WalletClient,
+    pub campaign: Arc<dyn CampaignApi>,
+    pub wallet: Arc<dyn WalletApi>,
     pub batcher: CreditBatcher,
     pub leases: LeaseManager,
     pub lease_prefix: String,

@@ -237,7 +237,7 @@ impl Batch<'_> {
         if transfers.is_empty() {
             return Vec::new();
         }
-        let results = credit_all(&self.engine.wallet, &transfers).await;
+        let results = credit_all(&*self.engine.wallet, &transfers).await;
         let mut credited = Vec::with_capacity(to_credit.len());
         for (&index, result) in to_credit.iter().zip(results) {
             match result {

@@ -14,6 +14,8 @@ pub mod engine;
 pub mod entity;
 pub mod grabs;
 pub mod relay;
+#[cfg(feature = "simulation")]
+pub mod simulation;
 pub mod store;
 pub mod sweeper;
 pub mod worker;
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batcher::CreditBatcher;
 use crate::broker::Broker;
 use crate::bus::Bus;
-use crate::clients::{CampaignClient, WalletClient};
+use crate::clients::{CampaignClient, WalletApi, WalletClient};
 use crate::engine::Engine;
 use crate::store::SagaStore;
 use crate::worker::WorkerStats;
@@ -206,6 +208,8 @@ pub struct EmbeddedConfig {
 pub struct Application {
     listener: BoundListener,
     engine: Engine,
+    /// The campaign service's outbox, which the outbox relay moves to the bus.
+    outbox: CampaignClient,
     bus: Arc<dyn Bus>,
     broker: Option<Broker>,
     /// The hand-off streams live in Redis in the distributed system; the embedded grab
@@ -242,7 +246,7 @@ fn engine(
     leases: LeaseManager,
     lease_prefix: &str,
     tuning: Tuning,
-) -> anyhow::Result<Engine> {
+) -> anyhow::Result<(Engine, CampaignClient)> {
     let Tuning {
         credit_batch,
         credit_linger,
@@ -256,10 +260,11 @@ fn engine(
         // drops an idle connection before the server closes it under a request.
         .pool_idle_timeout(Duration::from_secs(60))
         .build()?;
-    let wallet = WalletClient::new(http.clone(), wallet_url);
-    Ok(Engine {
+    let wallet: Arc<dyn WalletApi> = Arc::new(WalletClient::new(http.clone(), wallet_url));
+    let campaign = CampaignClient::new(http, campaign_url);
+    let engine = Engine {
         store: SagaStore::new(db),
-        campaign: CampaignClient::new(http, campaign_url),
+        campaign: Arc::new(campaign.clone()),
         batcher: CreditBatcher::start(wallet.clone(), credit_batch, credit_linger),
         wallet,
         leases,
@@ -269,7 +274,8 @@ fn engine(
         linger: credit_linger,
         retry_budget,
         wait_max,
-    })
+    };
+    Ok((engine, campaign))
 }
 
 impl Application {
@@ -305,7 +311,7 @@ impl Application {
             .await
             .map_err(|err| anyhow::anyhow!("cannot read the saga rows' fences: {err}"))?;
         leases.raise_floor(u64::try_from(highest).unwrap_or(0));
-        let engine = engine(
+        let (engine, outbox) = engine(
             db,
             &config.campaign_url,
             &config.wallet_url,
@@ -323,6 +329,7 @@ impl Application {
         Ok(Application {
             listener,
             engine,
+            outbox,
             bus: Arc::new(broker.clone()),
             broker: Some(broker),
             redis: Some(redis),
@@ -340,7 +347,7 @@ impl Application {
 
     /// The embedded saga worker: the local bus, in-process leases, no Redis, no RabbitMQ.
     pub async fn embedded(config: EmbeddedConfig) -> anyhow::Result<Self> {
-        let engine = engine(
+        let (engine, outbox) = engine(
             config.db,
             &config.campaign_url,
             &config.wallet_url,
@@ -358,6 +365,7 @@ impl Application {
         Ok(Application {
             listener,
             engine,
+            outbox,
             bus: Arc::new(config.bus),
             broker: None,
             redis: None,
@@ -407,7 +415,7 @@ impl Application {
             ));
         }
         tasks.spawn(relay::relay_outbox(
-            self.engine.campaign.clone(),
+            self.outbox.clone(),
             self.engine.leases.clone(),
             self.bus.clone(),
             format!("{prefix}:relay:outbox"),

@@ -1,12 +1,14 @@
 //! Saga state in the saga worker's database, written only under a fencing token.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redpacket_common::db::plan_as_lookups;
+use redpacket_common::ids::{Clock, SystemClock};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use crate::entity::{dead_letter, saga};
@@ -30,10 +32,6 @@ pub mod state {
     }
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 fn bounded(text: &str) -> String {
     text.chars().take(MAX_ERROR_CHARS).collect()
 }
@@ -51,18 +49,63 @@ pub struct NewSaga<'a> {
 }
 
 /// The saga tables.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SagaStore {
     db: DatabaseConnection,
+    /// The saga worker's clock: the times its rows carry, and the times the sweeper and the
+    /// retry and wait bounds compare them with. Injected so that a simulation can step it.
+    clock: Arc<dyn Clock>,
+    /// A bug planted on purpose: row updates ignore the fencing token. Only a simulation
+    /// build has it, to show that the simulation catches a stale executor's write.
+    #[cfg(feature = "simulation")]
+    planted_unfenced_writes: bool,
+}
+
+impl std::fmt::Debug for SagaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaStore").finish_non_exhaustive()
+    }
 }
 
 impl SagaStore {
     pub fn new(db: DatabaseConnection) -> Self {
-        SagaStore { db }
+        Self::with_clock(db, Arc::new(SystemClock))
+    }
+
+    /// Saga tables whose times come from `clock`.
+    pub fn with_clock(db: DatabaseConnection, clock: Arc<dyn Clock>) -> Self {
+        SagaStore {
+            db,
+            clock,
+            #[cfg(feature = "simulation")]
+            planted_unfenced_writes: false,
+        }
+    }
+
+    /// The same tables with the planted bug: updates of a saga's row skip the fence check.
+    #[cfg(feature = "simulation")]
+    #[must_use]
+    pub fn with_planted_unfenced_writes(mut self) -> Self {
+        self.planted_unfenced_writes = true;
+        self
     }
 
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// Now, in epoch milliseconds, by the saga worker's clock.
+    pub fn now_ms(&self) -> i64 {
+        i64::try_from(self.clock.now_ms()).unwrap_or(i64::MAX)
+    }
+
+    /// The rows an update under `fence` may change: those no newer fence has claimed.
+    fn fenced(&self, fence: i64) -> Condition {
+        #[cfg(feature = "simulation")]
+        if self.planted_unfenced_writes {
+            return Condition::all();
+        }
+        Condition::all().add(saga::Column::Fence.lte(fence))
     }
 
     /// Takes the saga over with `fence`, creating it on first sight. Returns the row, or
@@ -92,7 +135,7 @@ impl SagaStore {
         sagas: &[NewSaga<'_>],
         fence: i64,
     ) -> Result<HashMap<String, saga::Model>, DbErr> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut owned = HashMap::with_capacity(sagas.len());
         for chunk in sagas.chunks(BATCH_ROWS) {
             let txn = self.db.begin().await?;
@@ -151,9 +194,9 @@ impl SagaStore {
             saga::Entity::update_many()
                 .col_expr(saga::Column::Step, Expr::value("done"))
                 .col_expr(saga::Column::State, Expr::value(state))
-                .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+                .col_expr(saga::Column::UpdatedAtMs, Expr::value(self.now_ms()))
                 .filter(saga::Column::Id.is_in(chunk.iter().copied()))
-                .filter(saga::Column::Fence.lte(fence))
+                .filter(self.fenced(fence))
                 .exec(&txn)
                 .await?;
             txn.commit().await?;
@@ -173,7 +216,7 @@ impl SagaStore {
         let mut update = saga::Entity::update_many()
             .col_expr(saga::Column::Step, Expr::value(step))
             .col_expr(saga::Column::State, Expr::value(state))
-            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()));
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(self.now_ms()));
         if let Some(reason) = error {
             update = update
                 .col_expr(saga::Column::LastError, Expr::value(bounded(reason)))
@@ -181,7 +224,7 @@ impl SagaStore {
         }
         let result = update
             .filter(saga::Column::Id.eq(id))
-            .filter(saga::Column::Fence.lte(fence))
+            .filter(self.fenced(fence))
             .exec(&self.db)
             .await?;
         Ok(result.rows_affected == 1)
@@ -191,7 +234,7 @@ impl SagaStore {
     pub async fn note_error(&self, id: &str, error: &str) -> Result<(), DbErr> {
         saga::Entity::update_many()
             .col_expr(saga::Column::LastError, Expr::value(bounded(error)))
-            .col_expr(saga::Column::UpdatedAtMs, Expr::value(now_ms()))
+            .col_expr(saga::Column::UpdatedAtMs, Expr::value(self.now_ms()))
             .filter(saga::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
@@ -243,7 +286,7 @@ impl SagaStore {
         message: &str,
         reason: &str,
     ) -> Result<(), DbErr> {
-        let now = now_ms();
+        let now = self.now_ms();
         dead_letter::Entity::insert(dead_letter::ActiveModel {
             id: Set(letter_id),
             saga_id: Set(saga_id.to_owned()),
@@ -311,7 +354,7 @@ impl SagaStore {
     /// Marks a dead letter replayed (kept, so that a repeated replay answers the same) and sets
     /// its saga running again. False when it was already replayed.
     pub async fn unbury(&self, letter: &dead_letter::Model) -> Result<bool, DbErr> {
-        let now = now_ms();
+        let now = self.now_ms();
         let marked = dead_letter::Entity::update_many()
             .col_expr(dead_letter::Column::ReplayedAtMs, Expr::value(now))
             .filter(dead_letter::Column::Id.eq(letter.id))

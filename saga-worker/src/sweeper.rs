@@ -23,7 +23,7 @@ pub async fn sweep_once(
     broker: &dyn Bus,
     stall_after: Duration,
 ) -> anyhow::Result<usize> {
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = store.now_ms();
     let before = now - i64::try_from(stall_after.as_millis()).unwrap_or(i64::MAX);
     let stalled = store.stalled(before, PER_PASS).await?;
     for saga in &stalled {

@@ -42,7 +42,7 @@ pub async fn settle(
     raw: &[u8],
     outcome: Outcome,
 ) -> anyhow::Result<()> {
-    let now = redpacket_common::time::now_ms();
+    let now = engine.store.now_ms();
     let outcome = bounded(engine, envelope, outcome, now);
     match (outcome, envelope) {
         (Outcome::Done, _) => {
