@@ -140,6 +140,8 @@ drop_leftover_databases() {
     while read -r name; do
       mariadb -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $name" >/dev/null 2>&1 || true
     done
+  # Private servers of fault-suite runs that were killed before they could stop them.
+  pkill -f 'redpacket-tests/faults-.*/pgdata' 2>/dev/null || true
   rm -rf "${TMPDIR:-/tmp}/redpacket-tests"
   # Redis keys of earlier runs: every test writes under its own `rpt:` prefix.
   redis-cli -h 127.0.0.1 --scan --pattern 'rpt:*' 2>/dev/null | xargs -r -n 500 redis-cli -h 127.0.0.1 unlink >/dev/null 2>&1 || true

@@ -306,7 +306,14 @@ impl PrivateRedis {
     /// when it has one), after [`PrivateRedis::kill`] or a crash.
     pub async fn start_again(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.port, &self.dir, &self.args);
+        // The port may still be held a moment after the kill: a start that exits is retried.
+        for _ in 0..50 {
+            self.child = Self::spawn(self.port, &self.dir, &self.args);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if !matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+        }
         self.wait_answering().await;
     }
 
@@ -330,5 +337,6 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -128,15 +128,33 @@ fn bounded(engine: &Engine, envelope: Option<&Envelope>, outcome: Outcome, now: 
                 engine.retry_budget.as_secs()
             ))
         }
-        (Outcome::Wait(reason), Some(envelope))
-            if over(Some(waited(envelope, &reason, now).0), engine.wait_max) =>
-        {
-            Outcome::Dead(format!(
-                "stuck: waited more than {} s without progress: {reason}",
-                engine.wait_max.as_secs()
-            ))
+        (Outcome::Wait(reason), Some(envelope)) => {
+            wait_outcome(envelope, reason, now, engine.wait_max)
         }
         (outcome, _) => outcome,
+    }
+}
+
+/// A wait within its bound goes on; past it the saga is stuck with what it waits for.
+fn wait_outcome(
+    envelope: &Envelope,
+    reason: String,
+    now: i64,
+    wait_max: std::time::Duration,
+) -> Outcome {
+    let (since, waiting_for) = waited(envelope, &reason, now);
+    if now.saturating_sub(since) < i64::try_from(wait_max.as_millis()).unwrap_or(i64::MAX) {
+        Outcome::Wait(reason)
+    } else if waiting_for == HELD_ELSEWHERE {
+        // This copy never got to drive the saga: another executor held it at every look.
+        // That executor's own message keeps the saga until it is settled (done, retried or
+        // stuck, with the saga's own reason), so this one is a duplicate.
+        Outcome::Done
+    } else {
+        Outcome::Dead(format!(
+            "stuck: waited more than {} s without progress: {waiting_for}",
+            wait_max.as_secs()
+        ))
     }
 }
 
@@ -282,7 +300,11 @@ pub async fn consume(
 mod tests {
     use redpacket_common::messages::{Envelope, SagaEvent};
 
-    use super::waited;
+    use std::time::Duration;
+
+    use crate::engine::Outcome;
+
+    use super::{wait_outcome, waited};
 
     #[test]
     fn a_wait_counts_from_its_last_progress() {
@@ -317,6 +339,42 @@ mod tests {
         assert_eq!(
             waited(&envelope, "11 claims still in flight", 9_000).0,
             9_000
+        );
+    }
+
+    #[test]
+    fn past_its_bound_a_wait_is_stuck_with_what_it_waits_for_and_a_mere_duplicate_is_dropped() {
+        use super::HELD_ELSEWHERE;
+        let bound = Duration::from_secs(3);
+        let mut envelope = Envelope::new(
+            "m".into(),
+            None,
+            SagaEvent::CampaignEnded {
+                campaign_id: "1".into(),
+                merchant_id: "m".into(),
+                currency: "CNY".into(),
+                total_amount: 100,
+            },
+        );
+        envelope.waiting_since_ms = Some(1_000);
+        envelope.waiting_for = Some("12 claims still in flight".into());
+        assert_eq!(
+            wait_outcome(&envelope, "12 claims still in flight".into(), 2_000, bound),
+            Outcome::Wait("12 claims still in flight".into())
+        );
+        // Past the bound, even at a look where another executor held the saga: stuck with
+        // what the saga waits for, not with the collision.
+        assert_eq!(
+            wait_outcome(&envelope, HELD_ELSEWHERE.into(), 5_000, bound),
+            Outcome::Dead(
+                "stuck: waited more than 3 s without progress: 12 claims still in flight".into()
+            )
+        );
+        // A copy that only ever found the saga held: a duplicate of a message still driven.
+        envelope.waiting_for = Some(HELD_ELSEWHERE.into());
+        assert_eq!(
+            wait_outcome(&envelope, HELD_ELSEWHERE.into(), 5_000, bound),
+            Outcome::Done
         );
     }
 }

@@ -29,6 +29,20 @@ pub enum Fault {
     Status(u16),
 }
 
+impl Fault {
+    /// The fault's kind, without its parameters.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Fault::Pass => "pass",
+            Fault::Latency(_) => "latency",
+            Fault::Reset => "reset",
+            Fault::LoseAnswers => "lose answers",
+            Fault::Status(status) if status >= 500 => "5xx pages",
+            Fault::Status(_) => "4xx pages",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     fault: Mutex<Fault>,
@@ -66,6 +80,8 @@ impl Proxy {
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors, say: give the system a moment rather than spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let state = accepting.clone();

@@ -22,8 +22,6 @@ pub enum Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     GatewayToCampaign,
-    GatewayToWallet,
-    GatewayToSaga,
     SagaToWallet,
     SagaToCampaign,
 }
@@ -111,6 +109,9 @@ pub struct Done {
     /// When the last fault ended.
     pub last_fault_end: Option<Instant>,
     pub log: Vec<String>,
+    /// What each kind of proxy fault did in all its windows: a kind that did nothing means the
+    /// scenario tested less than it says.
+    pub proxy_effects: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Runs the actions in order of their moments, from `origin`.
@@ -151,14 +152,14 @@ pub async fn run(system: &mut System, origin: Instant, mut plan: Vec<Timed>) -> 
             Action::Proxy { link, fault, lasts } => {
                 let proxy = match link {
                     Link::GatewayToCampaign => &system.gateway_to_campaign,
-                    Link::GatewayToWallet => &system.gateway_to_wallet,
-                    Link::GatewayToSaga => &system.gateway_to_saga,
                     Link::SagaToWallet => &system.saga_to_wallet,
                     Link::SagaToCampaign => &system.saga_to_campaign,
                 };
+                let before = proxy.injected();
                 proxy.set(fault);
                 tokio::time::sleep(lasts).await;
                 proxy.set(Fault::Pass);
+                *done.proxy_effects.entry(fault.kind()).or_default() += proxy.injected() - before;
             }
         }
         done.log.push(format!(

@@ -19,11 +19,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_redpacket");
 /// How long a service may take to answer `/health/ready` after a start.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
+/// A free port below Linux's ephemeral range (32768–60999): a port from that range could be
+/// taken by an outgoing connection while its killed service is down, and the restart fail.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000–32000")
 }
 
 /// A scratch directory, removed on drop.
@@ -273,10 +280,24 @@ impl Drop for Vhost {
 /// queues and their messages come back. The fault suite runs alone, so no other test sees it.
 pub async fn restart_rabbitmq(down_for: Duration) -> Result<(), String> {
     run("rabbitmqctl", &["-q", "stop_app"]).await?;
+    // Whatever happens next (a panic included), the broker is started again.
+    let guard = BrokerDown;
     tokio::time::sleep(down_for).await;
     let started = run("rabbitmqctl", &["-q", "start_app"]).await;
+    std::mem::forget(guard);
     run("rabbitmqctl", &["-q", "await_startup"]).await?;
     started
+}
+
+/// Starts the local RabbitMQ's application when dropped.
+struct BrokerDown;
+
+impl Drop for BrokerDown {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .output();
+    }
 }
 
 /// One service process.

@@ -417,14 +417,13 @@ impl Simulation {
             for user in 0..users {
                 let name = format!("u{user}");
                 if foreign_user == Some(user) {
-                    let topup = Transfer {
-                        id: format!("topup:user:{name}"),
-                        debit: "external".into(),
-                        credit: format!("user:{name}"),
-                        amount: 5,
-                        currency: "USD".into(),
-                    };
-                    let _ = world.wallet.apply(&topup);
+                    // Opened in USD beforehand (the model's ledger takes it as a fact): the
+                    // campaigns' CNY credits to it are refused and compensated. A top-up from
+                    // `external` would make `external` a USD account and refuse every merchant's.
+                    world
+                        .wallet
+                        .accounts
+                        .insert(format!("user:{name}"), ("USD".into(), 0));
                     lines.push(format!("user {name} holds an account in USD"));
                 }
                 user_names.push(name);
@@ -445,7 +444,9 @@ impl Simulation {
                     amount: if short { total - 1 } else { total },
                     currency: CURRENCY.into(),
                 };
-                let _ = world.wallet.apply(&topup);
+                if let Err(err) = world.wallet.apply(&topup) {
+                    panic!("the scenario's top-up of {merchant} was refused: {err:?}");
+                }
                 lines.push(format!(
                     "campaign {id}: packets {packets:?}, merchant {merchant} holds {}",
                     topup.amount

@@ -415,15 +415,24 @@ pub(crate) fn check_money(wallet: &Wallet, campaigns: &Campaigns) -> Result<(), 
             .transfers
             .get(&format!("refund:{}", campaign.id))
             .map(|t| t.amount);
-        // Unclaimed packets plus claimed ones not credited: every packet without a credit.
-        let not_credited: i64 = campaign.total()
-            - campaigns
-                .claims
-                .values()
-                .filter(|c| c.campaign == campaign.id)
-                .filter(|c| wallet.transfers.contains_key(&format!("grab:{}", c.id)))
-                .map(|c| c.amount)
-                .sum::<i64>();
+        // What the escrow must hold, counted on the campaign's side: the packets in its pool
+        // plus its claims not credited (pending, unrecorded, or compensated with the packet
+        // kept out of the pool). A packet given twice, or returned to the pool and still
+        // claimed, makes this differ from the money.
+        let in_pool: i64 = campaign
+            .pool
+            .iter()
+            .filter_map(|seq| campaign.packets.get(usize::try_from(*seq).ok()?))
+            .sum();
+        let claimed_not_credited: i64 = campaigns
+            .claims
+            .values()
+            .filter(|c| c.campaign == campaign.id)
+            .filter(|c| !wallet.transfers.contains_key(&format!("grab:{}", c.id)))
+            .filter(|c| !(c.recorded == Some(ClaimStatus::Compensated) && c.returned_to_pool))
+            .map(|c| c.amount)
+            .sum();
+        let not_credited = in_pool + claimed_not_credited;
         let expected = match (funded, refund) {
             (false, _) => 0,
             (true, None) => not_credited,
