@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The fault suite (cli/tests/faults), then its table for RELIABILITY.md from the rows each
-# scenario wrote. Arguments go to nextest (say `-E 'test(=gateway_killed)'`);
+# scenario wrote (`--table`: only the table, from the last run's rows). Other arguments go to
+# nextest (say `-E 'test(=gateway_killed)'`);
 # RP_FAULT_SEED replays a schedule, RP_FAULT_RUNS=N runs each scenario N times.
 # Expects the servers to be up (scripts/test.sh starts them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/redpacket-target}"
 rows="$CARGO_TARGET_DIR/faults"
-rm -rf "$rows"
 status=0
-cargo nextest run -p redpacket --test faults --no-fail-fast "$@" || status=$?
+if [ "${1:-}" = "--table" ]; then
+  # Only the table, from the rows of the last run (the suite also runs in scripts/test.sh).
+  shift
+else
+  rm -rf "$rows"
+  cargo nextest run -p redpacket --test faults --no-fail-fast "$@" || status=$?
+fi
 python3 - "$rows" <<'PY'
 import json, pathlib, sys
 rows = sorted((json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json")),

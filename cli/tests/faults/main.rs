@@ -587,12 +587,12 @@ async fn proxies_delay_reset_lose_and_refuse() {
                 3 => Fault::Status([500, 502, 503, 504][rng.random_range(0..4)]),
                 _ => Fault::Status([400, 404, 408, 429][rng.random_range(0..4)]),
             };
-            let lasts = moment(rng, 300, 900);
+            let lasts = moment(rng, 300, 700);
             plan.push(Timed {
                 at: Duration::from_millis(at),
                 action: Action::Proxy { link, fault, lasts },
             });
-            at += u64::try_from(lasts.as_millis()).unwrap_or(0) + rng.random_range(50..200);
+            at += u64::try_from(lasts.as_millis()).unwrap_or(0) + rng.random_range(50..150);
         }
         plan
     })

@@ -61,6 +61,9 @@ pub struct Timed {
     pub action: Action,
 }
 
+/// How long a proxy fault window waits past its time for a quiet link to carry something.
+const QUIET_LINK_WAIT: Duration = Duration::from_millis(1_500);
+
 /// The seed of a run: `RP_FAULT_SEED`, else a fresh one.
 pub fn seed() -> u64 {
     match std::env::var("RP_FAULT_SEED") {
@@ -158,6 +161,13 @@ pub async fn run(system: &mut System, origin: Instant, mut plan: Vec<Timed>) -> 
                 let before = proxy.injected();
                 proxy.set(fault);
                 tokio::time::sleep(lasts).await;
+                // A link can be quiet for a moment (the gateway's breaker open after the last
+                // fault, the saga worker backing off): the window stays until its fault acted,
+                // for a bounded while.
+                let extended = Instant::now();
+                while proxy.injected() == before && extended.elapsed() < QUIET_LINK_WAIT {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 proxy.set(Fault::Pass);
                 *done.proxy_effects.entry(fault.kind()).or_default() += proxy.injected() - before;
             }
