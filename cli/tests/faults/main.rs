@@ -565,21 +565,26 @@ async fn one_of_two_replicas_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_delay_reset_lose_and_refuse() {
     scenario("proxies_delay_reset_lose_and_refuse", ONE, |rng| {
-        // The links a seckill keeps busy: grabs, records and marks, credits. (The gateway's
-        // links to the wallet and the saga worker carry only the reads after the load.)
-        let links = [
-            Link::GatewayToCampaign,
-            Link::SagaToWallet,
-            Link::SagaToCampaign,
-        ];
+        // The links a seckill keeps busy: grabs (gateway → campaign), records and marks
+        // (saga worker → campaign), credits (saga worker → wallet). The gateway's links to the
+        // wallet and the saga worker carry only the reads after the load. A failing grab link
+        // opens the gateway's breaker for 5 s, in which that link carries nothing: a window
+        // goes there only 6 s or more after the last one did.
+        let saga_links = [Link::SagaToWallet, Link::SagaToCampaign];
         // One window after another, each a fault on one link; every kind of fault twice, in
         // an order of the seed's.
         let mut kinds: Vec<u8> = (0..5).chain(0..5).collect();
         kinds.shuffle(rng);
         let mut plan = Vec::new();
         let mut at = FAULTS_FROM_MS;
+        let mut grab_link_free_at = 0;
         for kind in kinds {
-            let link = links[rng.random_range(0..links.len())];
+            let link = if at >= grab_link_free_at {
+                grab_link_free_at = at + 6_000;
+                Link::GatewayToCampaign
+            } else {
+                saga_links[rng.random_range(0..saga_links.len())]
+            };
             let fault = match kind {
                 0 => Fault::Latency(moment(rng, 50, 300)),
                 1 => Fault::Reset,
