@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 mod repair;
 
 pub use repair::{
-    DEFAULT_REPAIR_ITEMS, Finding, MAX_INSPECTED_POOL_ITEMS, MAX_REPAIR_CAMPAIGNS,
-    MAX_REPAIR_ITEMS, REPAIR_TIME_BUDGET, RepairOptions, RepairReport,
+    CursorStage, DEFAULT_REPAIR_ITEMS, Finding, MAX_COMPARED_ROWS, MAX_INSPECTED_POOL_ITEMS,
+    MAX_MENDS_PER_CALL, MAX_REPAIR_CAMPAIGNS, MAX_REPAIR_ITEMS, REPAIR_TIME_BUDGET, RepairCursor,
+    RepairOptions, RepairReport, mends_of,
 };
 
 use crate::entity::{campaign, claim, stats};
@@ -256,6 +257,8 @@ pub struct CampaignService {
     cache: Arc<RwLock<HashMap<i64, CachedCampaign>>>,
     lifecycle_wakeup: Arc<Notify>,
     rebuild_quiet: Duration,
+    /// The youngest age a repair may take claims and campaigns at (its `min_age_ms` floor).
+    repair_min_age: Duration,
     /// Lost pools waiting for their quiet period: the recorded claims last seen, and since when
     /// (epoch ms) that count has not moved.
     quiet_since: Arc<std::sync::Mutex<HashMap<i64, (i64, i64)>>>,
@@ -287,6 +290,7 @@ impl CampaignService {
             cache: Arc::default(),
             lifecycle_wakeup: Arc::new(Notify::new()),
             rebuild_quiet: DEFAULT_REBUILD_QUIET,
+            repair_min_age: DEFAULT_REBUILD_QUIET,
             quiet_since: Arc::default(),
             repair_gate: Arc::new(tokio::sync::Semaphore::new(1)),
         }
@@ -297,6 +301,20 @@ impl CampaignService {
     pub fn with_rebuild_quiet(mut self, quiet: Duration) -> Self {
         self.rebuild_quiet = quiet;
         self
+    }
+
+    /// The service with another floor on a repair's `min_age_ms` (by default the rebuild's
+    /// quiet period, 60 s: a grab the pool answered that long ago has had its hand-off's
+    /// retries to reach the database, so a repair does not judge it by a row that lags).
+    #[must_use]
+    pub fn with_repair_min_age(mut self, floor: Duration) -> Self {
+        self.repair_min_age = floor;
+        self
+    }
+
+    /// The floor on a repair's `min_age_ms`.
+    pub fn repair_min_age(&self) -> Duration {
+        self.repair_min_age
     }
 
     pub fn store(&self) -> &Store {
