@@ -84,7 +84,9 @@ impl From<CampaignError> for Problem {
                 tracing::error!(error = %source, "campaign database failure");
                 Problem::internal()
             }
-            CampaignError::RepairBusy => Problem::unavailable("repair_in_progress", detail),
+            // Another repair holds the lease for at most its time budget: come back after it.
+            CampaignError::RepairBusy => Problem::unavailable("repair_in_progress", detail)
+                .with_retry_after(crate::service::REPAIR_TIME_BUDGET.as_secs()),
             CampaignError::Ids(_) => {
                 tracing::error!(error = %detail, "id generation failure");
                 Problem::unavailable("ids_unavailable", detail)

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use redpacket_common::Currency;
 use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::lease::LeaseManager;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
@@ -90,7 +91,7 @@ pub enum CampaignError {
     Store(#[source] StoreError),
     #[error("id generation failed: {0}")]
     Ids(String),
-    #[error("a repair is already running in this process; try again when it is done")]
+    #[error("a repair is already running; try again when it is done")]
     RepairBusy,
 }
 
@@ -264,6 +265,9 @@ pub struct CampaignService {
     quiet_since: Arc<std::sync::Mutex<HashMap<i64, (i64, i64)>>>,
     /// One operator repair at a time per process.
     repair_gate: Arc<tokio::sync::Semaphore>,
+    /// One operator repair at a time across the replicas: a lease on `repair_lease_key`.
+    repair_leases: LeaseManager,
+    repair_lease_key: String,
 }
 
 impl std::fmt::Debug for CampaignService {
@@ -293,7 +297,18 @@ impl CampaignService {
             repair_min_age: DEFAULT_REBUILD_QUIET,
             quiet_since: Arc::default(),
             repair_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            repair_leases: LeaseManager::local(),
+            repair_lease_key: "campaign:repair".to_owned(),
         }
+    }
+
+    /// The service with the repair's lease (one repair at a time across every replica that
+    /// shares `leases`) on `key`; by default the lease lives in this process only.
+    #[must_use]
+    pub fn with_repair_leases(mut self, leases: LeaseManager, key: impl Into<String>) -> Self {
+        self.repair_leases = leases;
+        self.repair_lease_key = key.into();
+        self
     }
 
     /// The service with another quiet period before a lost pool is rebuilt.

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use super::{CampaignError, CampaignService, invalid, now_ms, pool_campaign};
 use crate::entity::{campaign, claim};
-use crate::pool::{Inventory, Mend, MendOutcome, PoolInventory};
+use crate::pool::{Inventory, Mend, MendOutcome, PoolError, PoolInventory};
 use crate::store::{ClaimRecord, Conflicts, StoreError, pool_state, status};
+use redpacket_common::lease::{Lease, LeaseError};
 
 /// The most items (findings and candidates for the saga worker) one repair call answers.
 pub const MAX_REPAIR_ITEMS: usize = 500;
@@ -38,6 +39,9 @@ pub const MAX_COMPARED_ROWS: u64 = 200_000;
 pub const MAX_MENDS_PER_CALL: usize = 1_000;
 /// Time one repair call may spend before it answers what it did (`more` then says so).
 pub const REPAIR_TIME_BUDGET: Duration = Duration::from_secs(5);
+/// The repair lease's time to live, renewed while the repair runs: a replica that dies
+/// mid-repair frees it within this time.
+const REPAIR_LEASE_TTL: Duration = Duration::from_secs(30);
 /// Ids named at most in one finding's text.
 const IDS_SHOWN: usize = 20;
 
@@ -158,16 +162,20 @@ pub struct RepairReport {
     pub cursor: Option<RepairCursor>,
 }
 
-/// A repair call's bounds: its items and its time.
+/// A repair call's bounds: its items, its time, and its lease (a call that lost it stops, so
+/// that two replicas do not repair at once).
 #[derive(Debug, Clone, Copy)]
-struct Bound {
+struct Bound<'a> {
     started: Instant,
     limit: usize,
+    lease: &'a Lease,
 }
 
-impl Bound {
+impl Bound<'_> {
     fn reached(self, report: &RepairReport) -> bool {
-        report.items() >= self.limit || self.started.elapsed() >= REPAIR_TIME_BUDGET
+        report.items() >= self.limit
+            || self.started.elapsed() >= REPAIR_TIME_BUDGET
+            || self.lease.is_lost()
     }
 }
 
@@ -213,9 +221,35 @@ impl CampaignService {
             .repair_gate
             .try_acquire()
             .map_err(|_| CampaignError::RepairBusy)?;
+        let lease = self
+            .repair_leases
+            .try_acquire(&self.repair_lease_key, REPAIR_LEASE_TTL)
+            .await
+            .map_err(|err| match err {
+                LeaseError::Redis(err) => CampaignError::PoolUnavailable(PoolError::Redis(err)),
+                other => CampaignError::PoolUnavailable(PoolError::Protocol(other.to_string())),
+            })?
+            .ok_or(CampaignError::RepairBusy)?;
+        let report = self.repair_leased(options, &lease).await;
+        if let Err(err) = lease.release().await {
+            // It expires by itself within its ttl.
+            tracing::warn!(error = %err, "the repair lease was not released");
+        }
+        report
+    }
+
+    async fn repair_leased(
+        &self,
+        options: RepairOptions,
+        lease: &Lease,
+    ) -> Result<RepairReport, CampaignError> {
         let started = Instant::now();
         let limit = options.limit.clamp(1, MAX_REPAIR_ITEMS);
-        let bound = Bound { started, limit };
+        let bound = Bound {
+            started,
+            limit,
+            lease,
+        };
         let before_ms = now_ms() - options.min_age_ms;
         let mut report = RepairReport::default();
         let from = options
@@ -285,7 +319,7 @@ impl CampaignService {
         campaign: &campaign::Model,
         stage: CursorStage,
         before_ms: i64,
-        bound: Bound,
+        bound: Bound<'_>,
         report: &mut RepairReport,
     ) -> Result<Option<CursorStage>, CampaignError> {
         let after_pending = match stage {
@@ -335,7 +369,7 @@ impl CampaignService {
         &self,
         campaign: &campaign::Model,
         before_ms: i64,
-        bound: Bound,
+        bound: Bound<'_>,
         report: &mut RepairReport,
     ) -> Option<CursorStage> {
         if [status::EXHAUSTED, status::EXPIRED, status::CANCELLED]
@@ -357,7 +391,7 @@ impl CampaignService {
         campaign: &campaign::Model,
         after: Option<&str>,
         before_ms: i64,
-        bound: Bound,
+        bound: Bound<'_>,
         report: &mut RepairReport,
     ) -> Result<Option<CursorStage>, CampaignError> {
         let pool = pool_campaign(campaign);
@@ -406,7 +440,7 @@ impl CampaignService {
     async fn mend_pool(
         &self,
         campaign: &campaign::Model,
-        bound: Bound,
+        bound: Bound<'_>,
         report: &mut RepairReport,
     ) -> Result<Option<CursorStage>, CampaignError> {
         let pool = pool_campaign(campaign);
@@ -587,7 +621,7 @@ impl CampaignService {
         inventory: &PoolInventory,
         after: Option<&str>,
         before_ms: i64,
-        bound: Bound,
+        bound: Bound<'_>,
         report: &mut RepairReport,
     ) -> Result<Option<CursorStage>, CampaignError> {
         let mut unrecorded: Vec<_> = inventory

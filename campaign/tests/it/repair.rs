@@ -529,3 +529,33 @@ async fn repair_takes_out_a_held_packet_and_checks_every_later_record_of_the_cam
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_is_refused_while_another_replica_holds_the_repair_lease() {
+    let app = spawn_app(Setup {
+        backend: Backend::Postgres,
+        pool: PoolKind::Redis,
+    })
+    .await;
+    // Another replica's repair: the same lease in the same Redis.
+    let other = redpacket_common::lease::LeaseManager::with_fence_key(
+        app.pool.connection(),
+        &format!("{}:lease:fence", app.prefix),
+    );
+    let held = other
+        .try_acquire(
+            &format!("{}:lease:campaign-repair", app.prefix),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let busy = app.post("/repair", &json!({"min_age_ms": 500})).await;
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "5");
+    let problem: Value = busy.json().await.unwrap();
+    assert_eq!(problem["code"], "repair_in_progress", "{problem}");
+    held.release().await.unwrap();
+    assert_eq!(repair(&app).await["findings"], json!([]));
+    app.stop().await;
+}
