@@ -74,6 +74,8 @@ pub enum CursorStage {
     Start,
     /// The pool's unrecorded claims after this claim id, then the rest.
     Unrecorded { after: String },
+    /// The mend (the unrecorded claims are done, those left unrepaired passed), then the rest.
+    Mend,
     /// The claims still `pending` (after this claim id when given; the pool is done), then the
     /// ended campaign's refund.
     Pending { after: Option<String> },
@@ -86,6 +88,7 @@ impl std::fmt::Display for RepairCursor {
         match &self.stage {
             CursorStage::Start => write!(f, "{}", self.campaign_id),
             CursorStage::Unrecorded { after } => write!(f, "{}:u:{after}", self.campaign_id),
+            CursorStage::Mend => write!(f, "{}:m", self.campaign_id),
             CursorStage::Pending { after: None } => write!(f, "{}:p", self.campaign_id),
             CursorStage::Pending { after: Some(after) } => {
                 write!(f, "{}:p:{after}", self.campaign_id)
@@ -98,8 +101,8 @@ impl std::fmt::Display for RepairCursor {
 impl std::str::FromStr for RepairCursor {
     type Err = CampaignError;
 
-    /// The text a report's cursor was shown as: `CAMPAIGN`, `CAMPAIGN:u:CLAIM`, `CAMPAIGN:p`,
-    /// `CAMPAIGN:p:CLAIM` or `CAMPAIGN:e`.
+    /// The text a report's cursor was shown as: `CAMPAIGN`, `CAMPAIGN:u:CLAIM`, `CAMPAIGN:m`,
+    /// `CAMPAIGN:p`, `CAMPAIGN:p:CLAIM` or `CAMPAIGN:e`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let refused = || invalid("cursor", "not a cursor a repair answered");
         let mut parts = text.splitn(3, ':');
@@ -110,6 +113,7 @@ impl std::str::FromStr for RepairCursor {
             .ok_or_else(refused)?;
         let stage = match (parts.next(), parts.next()) {
             (None, None) => CursorStage::Start,
+            (Some("m"), None) => CursorStage::Mend,
             (Some("p"), None) => CursorStage::Pending { after: None },
             (Some("e"), None) => CursorStage::End,
             (Some(kind), Some(after))
@@ -341,6 +345,12 @@ impl CampaignService {
                 }
                 None
             }
+            CursorStage::Mend => {
+                if let Some(stage) = self.mend_pool(campaign, bound, report).await? {
+                    return Ok(Some(stage));
+                }
+                None
+            }
             CursorStage::Pending { after } => after,
             CursorStage::End => return Ok(self.ended(campaign, before_ms, bound, report)),
         };
@@ -435,8 +445,9 @@ impl CampaignService {
         self.mend_pool(campaign, bound, report).await
     }
 
-    /// Compares a live pool with the database and mends it. Answers [`CursorStage::Start`]
-    /// when the corrections were more than one mend applies.
+    /// Compares a live pool with the database and mends it. Answers [`CursorStage::Mend`]
+    /// when the call's bound leaves no room for it or the corrections were more than one mend
+    /// applies: the next call mends first, so every call makes progress.
     async fn mend_pool(
         &self,
         campaign: &campaign::Model,
@@ -444,8 +455,12 @@ impl CampaignService {
         report: &mut RepairReport,
     ) -> Result<Option<CursorStage>, CampaignError> {
         let pool = pool_campaign(campaign);
+        if !is_live(campaign, now_ms()) || campaign.pool_state != pool_state::LOADED {
+            // An ended campaign's pool only answers stats; its packets are the refund's.
+            return Ok(None);
+        }
         if bound.reached(report) {
-            return Ok(Some(CursorStage::Start));
+            return Ok(Some(CursorStage::Mend));
         }
         // Read again: the claims just recorded are the database's now, their pending copies
         // gone. The database is read after the pool, so a packet the pool holds in no bucket
@@ -606,7 +621,7 @@ impl CampaignService {
             },
         };
         report.findings.push(finding);
-        Ok(capped.then_some(CursorStage::Start))
+        Ok(capped.then_some(CursorStage::Mend))
     }
 
     /// Records the claims the pool granted that the database does not know, older than the age
@@ -872,6 +887,36 @@ mod tests {
                 returns: 0,
                 mends: String::new(),
             },
+        }
+    }
+
+    #[test]
+    fn a_repair_cursor_reads_back_as_it_was_shown_and_odd_ones_are_refused() {
+        for stage in [
+            CursorStage::Start,
+            CursorStage::Unrecorded {
+                after: "00ab".into(),
+            },
+            CursorStage::Mend,
+            CursorStage::Pending { after: None },
+            CursorStage::Pending {
+                after: Some("00ab".into()),
+            },
+            CursorStage::End,
+        ] {
+            let cursor = RepairCursor {
+                campaign_id: 42,
+                stage,
+            };
+            assert_eq!(
+                cursor.to_string().parse::<RepairCursor>().ok(),
+                Some(cursor)
+            );
+        }
+        for odd in [
+            "", "-1", "x", "42:", "42:u", "42:u:", "42:q:1", "42:p:a b", "42:e:1",
+        ] {
+            assert!(odd.parse::<RepairCursor>().is_err(), "{odd:?}");
         }
     }
 

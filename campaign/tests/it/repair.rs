@@ -559,3 +559,60 @@ async fn repair_is_refused_while_another_replica_holds_the_repair_lease() {
     assert_eq!(repair(&app).await["findings"], json!([]));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_reports_a_grant_that_can_never_be_recorded_once_per_run_and_still_reaches_the_end()
+{
+    let app = spawn_app(Setup {
+        backend: Backend::Postgres,
+        pool: PoolKind::Redis,
+    })
+    .await;
+    let id = app.create(&campaign_body(600, 3, 5)).await;
+    app.fund_and_open(&id).await;
+    for _ in 0..2 {
+        assert_eq!(app.grab(&id, "alice").await.status(), 200);
+    }
+    for claim in app.handoff(&id, 4).await {
+        record(&app, &id, &claim).await;
+    }
+    // A pending grant of a packet the campaign does not have: it can never be recorded.
+    let bogus = redpacket_campaign::service::claim_id(1 << 51, id.parse().unwrap());
+    let _: () = app
+        .pool
+        .connection()
+        .hset(
+            format!("{}:{{c:{id}}}:pending", app.prefix),
+            &bogus,
+            format!(
+                "dave:99:7:{}",
+                chrono::Utc::now().timestamp_millis() - 5_000
+            ),
+        )
+        .await
+        .unwrap();
+    let (mut findings, mut pending, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+    let mut finished = false;
+    for _ in 0..10 {
+        let mut body = json!({"min_age_ms": 500, "limit": 1});
+        if let Some(cursor) = &cursor {
+            body["cursor"] = json!(cursor);
+        }
+        let report: Value = app.post("/repair", &body).await.json().await.unwrap();
+        findings.extend(report["findings"].as_array().unwrap().iter().cloned());
+        pending.extend(report["pending_claims"].as_array().unwrap().iter().cloned());
+        if report["more"] != true {
+            finished = true;
+            break;
+        }
+        cursor = Some(report["cursor"].as_str().unwrap().to_owned());
+    }
+    assert!(finished, "the run reaches the end: {findings:?}");
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(
+        (&findings[0]["id"], &findings[0]["repaired"]),
+        (&json!(bogus), &json!(false))
+    );
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    app.stop().await;
+}
