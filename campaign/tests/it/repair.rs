@@ -616,3 +616,42 @@ async fn repair_reports_a_grant_that_can_never_be_recorded_once_per_run_and_stil
     assert_eq!(pending.len(), 2, "{pending:?}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_reports_a_campaign_it_cannot_read_and_still_repairs_the_others() {
+    let app = spawn_app(Setup {
+        backend: Backend::Postgres,
+        pool: PoolKind::Redis,
+    })
+    .await;
+    let broken = app.create(&campaign_body(600, 3, 5)).await;
+    app.fund_and_open(&broken).await;
+    let _: () = app
+        .pool
+        .connection()
+        .hset(
+            format!("{}:{{c:{broken}}}:pending", app.prefix),
+            "c0",
+            "not a pending claim",
+        )
+        .await
+        .unwrap();
+    let mut body = campaign_body(600, 3, 5);
+    body["seed"] = json!(7);
+    let other = app.create(&body).await;
+    app.fund_and_open(&other).await;
+    assert_eq!(app.grab(&other, "alice").await.status(), 200);
+    let claim = app.handoff(&other, 4).await.remove(0);
+    record(&app, &other, &claim).await;
+
+    let report = repair(&app).await;
+    assert_eq!(report["findings"][0]["kind"], "repair_failed", "{report}");
+    assert_eq!(report["findings"][0]["id"], json!(broken), "{report}");
+    assert_eq!(report["findings"][0]["repaired"], false, "{report}");
+    assert_eq!(
+        report["pending_claims"][0]["claim_id"],
+        json!(claim.0),
+        "the other campaign is still looked at: {report}"
+    );
+    app.stop().await;
+}
