@@ -6,13 +6,14 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{c:ID}:meta` | hash | `state`, `starts`, `ends`, `limit`, `currency`, `cid`, `left`, `left_amount` |
+//! | `P:{c:ID}:meta` | hash | `state`, `starts`, `ends`, `limit`, `currency`, `cid`, `left`, `left_amount`, `rv` (the load's mark), `mv` (mends applied) |
 //! | `P:{c:ID}:b:K` | list | bucket K's packets as `seq:amount` (packet `seq` is in bucket `seq % buckets`) |
 //! | `P:{c:ID}:u:K` | hash | user → `claim:amount[,claim:amount…]` for users whose home bucket is K |
 //! | `P:{c:ID}:pending` | hash | claim → `user:seq:amount:grabbed_at_ms`, until the claim is recorded in the database |
 //! | `P:{c:ID}:h:K` | stream | the hand-off: one entry per grab from bucket K, read by the relay |
 //! | `P:{c:ID}:ret` | hash | claim → `1`/`0`: whether a compensated claim's packet went back to the pool |
 //! | `P:handoff:streams` | set | every hand-off stream, for the relay to find |
+//! | `P:pool:loads` | counter | loads and rebuilds, part of each pool's `rv` |
 //!
 //! A user's home bucket is `fnv1a(user) % buckets`; the grab pops from it first and moves on
 //! to the next buckets when it is empty. The user's claims are always recorded in the home
@@ -117,7 +118,8 @@ pub struct PoolInventory {
 
 /// The marks of a pool that move whenever a packet may have come back to it by another path
 /// than a grab's pop: a return of a compensated claim (the `ret` hash only grows), a mend
-/// (`rv`), a new load or rebuild (`rv` starts anew with the meta hash).
+/// (`mv`, counted), a new load or rebuild (`rv`, the load's clock and a load counter, new with
+/// the meta hash). `mends` holds `rv/mv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolVersion {
     pub returns: i64,
@@ -331,10 +333,15 @@ return {'sold_out'}
 ";
 
 const LOAD_META_SCRIPT: &str = r"
--- KEYS: meta, stream registry, streams...; ARGV: field/value pairs of meta
+-- KEYS: meta, stream registry, load counter, streams...; ARGV: field/value pairs of meta, the
+-- last one `rv` with the wall clock's microseconds
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
-for i = 3, #KEYS do redis.call('SADD', KEYS[2], KEYS[i]) end
+-- The mark of this load: the counter makes it differ from every earlier load's even when two
+-- loads read the same clock (or a clock that went back); the clock makes it differ even when
+-- the counter was lost with the Redis that held the earlier pool.
+redis.call('HSET', KEYS[1], 'rv', ARGV[#ARGV] .. '-' .. redis.call('INCR', KEYS[3]))
+for i = 4, #KEYS do redis.call('SADD', KEYS[2], KEYS[i]) end
 return 1
 ";
 
@@ -378,7 +385,7 @@ return '1'
 
 const INVENTORY_SCRIPT: &str = r"
 -- KEYS: meta, pending, ret, buckets...; ARGV: max_items
-local m = redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount', 'rv')
+local m = redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount', 'rv', 'mv')
 if not m[1] then return {'not_loaded'} end
 local total = redis.call('HLEN', KEYS[2]) + redis.call('HLEN', KEYS[3])
 for i = 4, #KEYS do total = total + redis.call('LLEN', KEYS[i]) end
@@ -387,7 +394,8 @@ local packets = {}
 for i = 4, #KEYS do
   for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do packets[#packets + 1] = item end
 end
-return {'ok', m[1], m[2] or '0', m[3] or '0', m[4] or '', tostring(redis.call('HLEN', KEYS[3])),
+return {'ok', m[1], m[2] or '0', m[3] or '0', (m[4] or '') .. '/' .. (m[5] or '0'),
+  tostring(redis.call('HLEN', KEYS[3])),
   packets, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 ";
 
@@ -396,9 +404,10 @@ const MEND_SCRIPT: &str = r"
 -- ARGV: returns, rv, drift_count, drift_amount, then (op, seq, amount, bucket, extra)...
 -- extra: the claim of a `held`, the copies the inventory saw of a `dup`, the item of an
 -- `unreadable`.
-local m = redis.call('HMGET', KEYS[1], 'state', 'rv', 'left', 'left_amount')
+local m = redis.call('HMGET', KEYS[1], 'state', 'rv', 'left', 'left_amount', 'mv')
 if not m[1] then return {'moved'} end
-if tostring(redis.call('HLEN', KEYS[3])) ~= ARGV[1] or (m[2] or '') ~= ARGV[2] then
+local version = (m[2] or '') .. '/' .. (m[5] or '0')
+if tostring(redis.call('HLEN', KEYS[3])) ~= ARGV[1] or version ~= ARGV[2] then
   return {'moved'}
 end
 -- Only a live pool is mended: an ended pool's packets are the refund's, and a mend never
@@ -474,7 +483,7 @@ for _, add in ipairs(adds) do
 end
 if count <= 0 then redis.call('HSET', KEYS[1], 'state', 'exhausted') end
 redis.call('HSET', KEYS[1], 'left', count, 'left_amount', amount)
-redis.call('HINCRBY', KEYS[1], 'rv', 1)
+redis.call('HINCRBY', KEYS[1], 'mv', 1)
 return {'mended', tostring(added), tostring(removed)}
 ";
 
@@ -546,7 +555,9 @@ impl RedisPool {
         left_amount: i64,
     ) -> Result<bool, PoolError> {
         let mut invocation = self.load_meta_script.key(&keys.meta);
-        invocation.key(self.stream_registry_key());
+        invocation
+            .key(self.stream_registry_key())
+            .key(format!("{}:pool:loads", self.prefix));
         for stream in &keys.streams {
             invocation.key(stream);
         }
