@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use redpacket_common::db::plan_as_lookups;
@@ -428,17 +428,15 @@ impl Store {
     /// A campaign's packets in `seq` order and, for each packet claims hold (pending,
     /// credited, or compensated with the packet kept out for the refund), those claims' ids
     /// (more than one is a packet granted twice): what a repair compares the pool with. `None`
-    /// when the campaign has more than `max_rows` packets or claims: a repair reads no more.
+    /// when the campaign has more than `max_rows` packets (its row's `packet_count`, which its
+    /// packets match) or claims: a repair reads no more.
     pub async fn packet_holders(
         &self,
-        id: i64,
+        campaign: &campaign::Model,
         max_rows: u64,
     ) -> Result<Option<PacketHolders>, StoreError> {
-        let packet_count = packet::Entity::find()
-            .filter(packet::Column::CampaignId.eq(id))
-            .count(&self.db)
-            .await?;
-        if packet_count > max_rows {
+        let id = campaign.id;
+        if u64::try_from(campaign.packet_count).unwrap_or(u64::MAX) > max_rows {
             return Ok(None);
         }
         let packets = self.packets(id).await?;

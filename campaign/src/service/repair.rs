@@ -477,7 +477,7 @@ impl CampaignService {
         }
         let Some((packets, mut holders)) = self
             .store
-            .packet_holders(campaign.id, MAX_COMPARED_ROWS)
+            .packet_holders(campaign, MAX_COMPARED_ROWS)
             .await?
         else {
             tracing::info!(
@@ -594,7 +594,7 @@ impl CampaignService {
                 Finding {
                     kind: "pool_mismatch",
                     id: campaign.id.to_string(),
-                    repaired: !capped,
+                    repaired: true,
                     action: format!(
                         "{}; mended from the database: {added} packet(s) put back, {removed} item(s) taken out, counters set to the buckets",
                         found.join("; ")

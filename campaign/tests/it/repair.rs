@@ -218,7 +218,7 @@ async fn repair_keeps_no_copy_of_a_duplicated_packet_a_grab_took_between_the_inv
     let (packets, holders) = app
         .service
         .store()
-        .packet_holders(model.id, 1_000)
+        .packet_holders(&model, 1_000)
         .await
         .unwrap()
         .unwrap();
