@@ -84,7 +84,9 @@ impl From<CampaignError> for Problem {
                 tracing::error!(error = %source, "campaign database failure");
                 Problem::internal()
             }
-            CampaignError::RepairBusy => Problem::unavailable("repair_in_progress", detail),
+            // Another repair holds the lease for at most its time budget: come back after it.
+            CampaignError::RepairBusy => Problem::unavailable("repair_in_progress", detail)
+                .with_retry_after(crate::service::REPAIR_TIME_BUDGET.as_secs()),
             CampaignError::Ids(_) => {
                 tracing::error!(error = %detail, "id generation failure");
                 Problem::unavailable("ids_unavailable", detail)
@@ -1181,11 +1183,18 @@ impl CampaignApi {
             )
             .with_field("min_age_ms"));
         }
+        let cursor = body
+            .0
+            .cursor
+            .as_deref()
+            .map(str::parse::<crate::service::RepairCursor>)
+            .transpose()?;
         let report = self
             .service
             .repair(crate::service::RepairOptions {
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),
                 min_age_ms,
+                cursor,
             })
             .await?;
         Ok(Json(RepairReportDto {
@@ -1223,6 +1232,7 @@ impl CampaignApi {
                 })
                 .collect(),
             more: report.more,
+            cursor: report.cursor.map(|cursor| cursor.to_string()),
         }))
     }
 
@@ -1269,10 +1279,15 @@ pub struct RepairBody {
     /// together (1-500, default 100); call again while `more` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
-    /// Only claims grabbed, and campaigns ended, at least this long ago are taken (0 to
-    /// 86,400,000; default 60,000): younger ones are still moving on the normal path.
+    /// Only claims grabbed, and campaigns ended, at least this long ago are taken (the
+    /// service's floor, 60,000 unless configured otherwise, to 86,400,000; default 60,000):
+    /// younger ones are still moving on the normal path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_age_ms: Option<i64>,
+    /// Where to resume: the `cursor` the previous call answered; absent to start at the
+    /// oldest campaign not settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// The longest age bound a repair takes.
@@ -1284,7 +1299,9 @@ pub const DEFAULT_REPAIR_MIN_AGE_MS: i64 = 60_000;
 /// One thing a repair found wrong, and what became of it.
 #[derive(Debug, Clone, Object, Deserialize, serde::Serialize)]
 pub struct RepairFindingDto {
-    /// `claim_unrecorded`, `pool_mismatch` or `pool_lost`.
+    /// `claim_unrecorded`, `pool_mismatch`, `pool_lost`, `packet_granted_twice` (a packet
+    /// more than one claim holds, for an operator) or `repair_failed` (one campaign's repair
+    /// failed with the error; the others went on).
     pub kind: String,
     /// The claim or campaign.
     pub id: String,
@@ -1323,6 +1340,9 @@ pub struct RepairReportDto {
     pub ended_campaigns: Vec<UnsettledCampaignDto>,
     /// Whether the call stopped at its item or time bound before looking at everything.
     pub more: bool,
+    /// Where the next call resumes when `more` is true: pass it back as the body's `cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// One invariant, checked now.

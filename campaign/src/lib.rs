@@ -169,7 +169,16 @@ impl Application {
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect to RP_REDIS_URL: {err}"))?;
         let ids = Arc::new(SnowflakeGenerator::new(config.worker_id)?);
-        let service = CampaignService::new(Store::new(db), Arc::new(pool), ids, config.buckets);
+        // The repair's lease lives in the pool's Redis, shared by every replica.
+        let leases = redpacket_common::lease::LeaseManager::with_fence_key(
+            pool.connection(),
+            &format!("{}:lease:fence", config.redis_prefix),
+        );
+        let service = CampaignService::new(Store::new(db), Arc::new(pool), ids, config.buckets)
+            .with_repair_leases(
+                leases,
+                format!("{}:lease:campaign-repair", config.redis_prefix),
+            );
         Self::with_service(service, config.listen).await
     }
 

@@ -6,13 +6,14 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{c:ID}:meta` | hash | `state`, `starts`, `ends`, `limit`, `currency`, `cid`, `left`, `left_amount` |
+//! | `P:{c:ID}:meta` | hash | `state`, `starts`, `ends`, `limit`, `currency`, `cid`, `left`, `left_amount`, `rv` (the load's mark), `mv` (mends applied) |
 //! | `P:{c:ID}:b:K` | list | bucket K's packets as `seq:amount` (packet `seq` is in bucket `seq % buckets`) |
 //! | `P:{c:ID}:u:K` | hash | user → `claim:amount[,claim:amount…]` for users whose home bucket is K |
 //! | `P:{c:ID}:pending` | hash | claim → `user:seq:amount:grabbed_at_ms`, until the claim is recorded in the database |
 //! | `P:{c:ID}:h:K` | stream | the hand-off: one entry per grab from bucket K, read by the relay |
 //! | `P:{c:ID}:ret` | hash | claim → `1`/`0`: whether a compensated claim's packet went back to the pool |
 //! | `P:handoff:streams` | set | every hand-off stream, for the relay to find |
+//! | `P:pool:loads` | counter | loads and rebuilds, part of each pool's `rv` |
 //!
 //! A user's home bucket is `fnv1a(user) % buckets`; the grab pops from it first and moves on
 //! to the next buckets when it is empty. The user's claims are always recorded in the home
@@ -108,13 +109,17 @@ pub struct PoolInventory {
     /// The claims granted and not yet recorded in the database (or whose pending copy was
     /// not dropped yet).
     pub pending: Vec<PendingClaim>,
+    /// The compensated claims whose packet went back to a bucket (`ret` = `1`): such a claim
+    /// no longer holds its packet, whatever the database says yet.
+    pub returned: std::collections::HashSet<String>,
     /// What a mend checks has not moved since: see [`PacketPool::mend`].
     pub version: PoolVersion,
 }
 
 /// The marks of a pool that move whenever a packet may have come back to it by another path
 /// than a grab's pop: a return of a compensated claim (the `ret` hash only grows), a mend
-/// (`rv`), a new load or rebuild (`rv` starts anew with the meta hash).
+/// (`mv`, counted), a new load or rebuild (`rv`, the load's clock and a load counter, new with
+/// the meta hash). `mends` holds `rv/mv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolVersion {
     pub returns: i64,
@@ -147,19 +152,24 @@ pub enum Mend {
     },
     /// An item that is no packet of the campaign (unknown seq or another amount): it leaves.
     Foreign { seq: u32, amount: i64 },
-    /// A packet no claim holds is in the buckets more than once: one copy stays.
-    Duplicate { seq: u32, amount: i64 },
+    /// A packet no claim holds is in the buckets more than once (`copies` times in the
+    /// inventory): one copy stays, unless a grab took a copy since the inventory or a pending
+    /// claim holds the packet at the moment of the mend, when every copy leaves.
+    Duplicate { seq: u32, amount: i64, copies: u32 },
     /// An item that is not `seq:amount`: it leaves.
     Unreadable { item: String },
 }
 
 /// What a mend did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MendOutcome {
     /// Applied: packets added and items removed; the counters are exact again.
     Mended { added: u32, removed: u32 },
     /// The pool moved since the inventory (a return, another mend, a rebuild): nothing done.
     Moved,
+    /// The pool is no longer live (exhausted, expired or cancelled, with its state): nothing
+    /// done, since a mend never reopens an ended pool.
+    NotLive(String),
 }
 
 /// A failure of the pool's backing store.
@@ -323,10 +333,15 @@ return {'sold_out'}
 ";
 
 const LOAD_META_SCRIPT: &str = r"
--- KEYS: meta, stream registry, streams...; ARGV: field/value pairs of meta
+-- KEYS: meta, stream registry, load counter, streams...; ARGV: field/value pairs of meta, the
+-- last one `rv` with the wall clock's microseconds
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
-for i = 3, #KEYS do redis.call('SADD', KEYS[2], KEYS[i]) end
+-- The mark of this load: the counter makes it differ from every earlier load's even when two
+-- loads read the same clock (or a clock that went back); the clock makes it differ even when
+-- the counter was lost with the Redis that held the earlier pool.
+redis.call('HSET', KEYS[1], 'rv', ARGV[#ARGV] .. '-' .. redis.call('INCR', KEYS[3]))
+for i = 4, #KEYS do redis.call('SADD', KEYS[2], KEYS[i]) end
 return 1
 ";
 
@@ -370,80 +385,105 @@ return '1'
 
 const INVENTORY_SCRIPT: &str = r"
 -- KEYS: meta, pending, ret, buckets...; ARGV: max_items
-local m = redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount', 'rv')
+local m = redis.call('HMGET', KEYS[1], 'state', 'left', 'left_amount', 'rv', 'mv')
 if not m[1] then return {'not_loaded'} end
-local total = redis.call('HLEN', KEYS[2])
+local total = redis.call('HLEN', KEYS[2]) + redis.call('HLEN', KEYS[3])
 for i = 4, #KEYS do total = total + redis.call('LLEN', KEYS[i]) end
 if total > tonumber(ARGV[1]) then return {'too_large', tostring(total)} end
 local packets = {}
 for i = 4, #KEYS do
   for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do packets[#packets + 1] = item end
 end
-return {'ok', m[1], m[2] or '0', m[3] or '0', m[4] or '', tostring(redis.call('HLEN', KEYS[3])),
-  packets, redis.call('HGETALL', KEYS[2])}
+return {'ok', m[1], m[2] or '0', m[3] or '0', (m[4] or '') .. '/' .. (m[5] or '0'),
+  tostring(redis.call('HLEN', KEYS[3])),
+  packets, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 ";
 
 const MEND_SCRIPT: &str = r"
 -- KEYS: meta, pending, ret, buckets...
--- ARGV: returns, rv, drift_count, drift_amount, then (op, seq, amount, bucket, claim)...
-local m = redis.call('HMGET', KEYS[1], 'state', 'rv', 'left', 'left_amount')
+-- ARGV: returns, rv, drift_count, drift_amount, then (op, seq, amount, bucket, extra)...
+-- extra: the claim of a `held`, the copies the inventory saw of a `dup`, the item of an
+-- `unreadable`.
+local m = redis.call('HMGET', KEYS[1], 'state', 'rv', 'left', 'left_amount', 'mv')
 if not m[1] then return {'moved'} end
-if tostring(redis.call('HLEN', KEYS[3])) ~= ARGV[1] or (m[2] or '') ~= ARGV[2] then
+local version = (m[2] or '') .. '/' .. (m[5] or '0')
+if tostring(redis.call('HLEN', KEYS[3])) ~= ARGV[1] or version ~= ARGV[2] then
   return {'moved'}
 end
+-- Only a live pool is mended: an ended pool's packets are the refund's, and a mend never
+-- reopens what the last grab, the close or a cancel ended.
+if m[1] ~= 'scheduled' and m[1] ~= 'active' then return {'not_live', m[1]} end
 local held = {}
 for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
   local seq = string.match(v, '^[^:]*:([^:]*):')
   if seq then held[seq] = true end
 end
+-- Every bucket is read once (the pool was bounded by the inventory, and only a return, a
+-- load or a mend, each of which moves the version, can grow it): the copies of each item now,
+-- and the lists to filter.
+local lists, copies = {}, {}
+for j = 4, #KEYS do
+  local items = redis.call('LRANGE', KEYS[j], 0, -1)
+  lists[j] = items
+  for _, item in ipairs(items) do copies[item] = (copies[item] or 0) + 1 end
+end
 local count = tonumber(m[3] or '0') - tonumber(ARGV[3])
 local amount = tonumber(m[4] or '0') - tonumber(ARGV[4])
 local added, removed = 0, 0
-local function remove_everywhere(item, keep, amt)
-  for j = 4, #KEYS do
-    local n = 0
-    if keep > 0 then
-      local at = redis.call('LPOS', KEYS[j], item, 'COUNT', 0)
-      if #at > 0 then
-        if #at > keep then n = redis.call('LREM', KEYS[j], keep - #at, item) end
-        keep = 0
-      end
-    else
-      n = redis.call('LREM', KEYS[j], 0, item)
-    end
-    removed = removed + n
-    count = count - n
-    amount = amount - n * amt
-  end
-end
+local keep, worth, adds = {}, {}, {}
 for i = 5, #ARGV, 5 do
-  local op, seq, amt, claim = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 4]
+  local op, seq, amt, extra = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 4]
   local item = seq .. ':' .. ARGV[i + 2]
   if op == 'add' then
-    local present = held[seq]
-    for j = 4, #KEYS do
-      if not present and redis.call('LPOS', KEYS[j], item) then present = true end
-    end
-    if not present then
-      redis.call('RPUSH', KEYS[4 + tonumber(ARGV[i + 3])], item)
-      added = added + 1
-      count = count + 1
-      amount = amount + amt
+    if not held[seq] and not copies[item] then
+      copies[item] = 1
+      adds[#adds + 1] = {KEYS[4 + tonumber(ARGV[i + 3])], item, amt}
     end
   elseif op == 'held' then
-    if redis.call('HGET', KEYS[3], claim) ~= '1' then remove_everywhere(item, 0, amt) end
+    if redis.call('HGET', KEYS[3], extra) ~= '1' then keep[item] = 0; worth[item] = amt end
   elseif op == 'foreign' then
-    remove_everywhere(item, 0, amt)
+    keep[item] = 0; worth[item] = amt
   elseif op == 'dup' then
-    remove_everywhere(item, 1, amt)
+    -- One copy stays only if no grab took one since the inventory (as many copies as then)
+    -- and no pending claim holds the packet: the copy left would otherwise be granted twice.
+    if held[seq] or (copies[item] or 0) < tonumber(extra) then keep[item] = 0 else keep[item] = 1 end
+    worth[item] = amt
   elseif op == 'unreadable' then
-    remove_everywhere(claim, 0, 0)
+    keep[extra] = 0; worth[extra] = 0
   end
 end
-if count > 0 and m[1] == 'exhausted' then redis.call('HSET', KEYS[1], 'state', 'scheduled') end
-if count <= 0 and m[1] == 'scheduled' then redis.call('HSET', KEYS[1], 'state', 'exhausted') end
+for j = 4, #KEYS do
+  local kept, changed = {}, false
+  for _, item in ipairs(lists[j]) do
+    local k = keep[item]
+    if k == nil then
+      kept[#kept + 1] = item
+    elseif k > 0 then
+      keep[item] = k - 1
+      kept[#kept + 1] = item
+    else
+      changed = true
+      removed = removed + 1
+      count = count - 1
+      amount = amount - worth[item]
+    end
+  end
+  if changed then
+    redis.call('DEL', KEYS[j])
+    for s = 1, #kept, 1000 do
+      redis.call('RPUSH', KEYS[j], unpack(kept, s, math.min(s + 999, #kept)))
+    end
+  end
+end
+for _, add in ipairs(adds) do
+  redis.call('RPUSH', add[1], add[2])
+  added = added + 1
+  count = count + 1
+  amount = amount + add[3]
+end
+if count <= 0 then redis.call('HSET', KEYS[1], 'state', 'exhausted') end
 redis.call('HSET', KEYS[1], 'left', count, 'left_amount', amount)
-redis.call('HINCRBY', KEYS[1], 'rv', 1)
+redis.call('HINCRBY', KEYS[1], 'mv', 1)
 return {'mended', tostring(added), tostring(removed)}
 ";
 
@@ -515,7 +555,9 @@ impl RedisPool {
         left_amount: i64,
     ) -> Result<bool, PoolError> {
         let mut invocation = self.load_meta_script.key(&keys.meta);
-        invocation.key(self.stream_registry_key());
+        invocation
+            .key(self.stream_registry_key())
+            .key(format!("{}:pool:loads", self.prefix));
         for stream in &keys.streams {
             invocation.key(stream);
         }
@@ -932,7 +974,7 @@ impl PacketPool for RedisPool {
         match (word.as_str(), reply.as_slice()) {
             ("not_loaded", _) => Ok(Inventory::NotLoaded),
             ("too_large", [_, total]) => Ok(Inventory::NotInspected(format!(
-                "the pool holds {} packets and pending claims, more than the {max_items} a repair reads at once",
+                "the pool holds {} packets, pending claims and returns, more than the {max_items} a repair reads at once",
                 text(total)?
             ))),
             (
@@ -946,6 +988,7 @@ impl PacketPool for RedisPool {
                     returns,
                     packets,
                     pending,
+                    returned,
                 ],
             ) => {
                 let items: Vec<String> = redis::from_redis_value_ref(packets).map_err(protocol)?;
@@ -956,6 +999,7 @@ impl PacketPool for RedisPool {
                     packets: Vec::with_capacity(items.len()),
                     unreadable: Vec::new(),
                     pending: Vec::new(),
+                    returned: std::collections::HashSet::new(),
                     version: PoolVersion {
                         returns: parse_i64(&text(returns)?)?,
                         mends: text(mends)?,
@@ -974,6 +1018,14 @@ impl PacketPool for RedisPool {
                 for pair in pairs.chunks(2) {
                     if let [claim_id, value] = pair {
                         inventory.pending.push(parse_pending(claim_id, value)?);
+                    }
+                }
+                let pairs: Vec<String> = redis::from_redis_value_ref(returned).map_err(protocol)?;
+                for pair in pairs.chunks(2) {
+                    if let [claim_id, went_back] = pair
+                        && went_back == "1"
+                    {
+                        inventory.returned.insert(claim_id.clone());
                     }
                 }
                 Ok(Inventory::Held(inventory))
@@ -1002,25 +1054,30 @@ impl PacketPool for RedisPool {
             .arg(drift.1);
         let buckets = u32::try_from(keys.buckets.len()).unwrap_or(1).max(1);
         for mend in mends {
-            let (op, seq, amount, claim) = match mend {
-                Mend::Add { seq, amount } => ("add", *seq, *amount, ""),
-                Mend::Held { seq, amount, claim } => ("held", *seq, *amount, claim.as_str()),
-                Mend::Foreign { seq, amount } => ("foreign", *seq, *amount, ""),
-                Mend::Duplicate { seq, amount } => ("dup", *seq, *amount, ""),
-                Mend::Unreadable { item } => ("unreadable", 0, 0, item.as_str()),
+            let (op, seq, amount, extra) = match mend {
+                Mend::Add { seq, amount } => ("add", *seq, *amount, String::new()),
+                Mend::Held { seq, amount, claim } => ("held", *seq, *amount, claim.clone()),
+                Mend::Foreign { seq, amount } => ("foreign", *seq, *amount, String::new()),
+                Mend::Duplicate {
+                    seq,
+                    amount,
+                    copies,
+                } => ("dup", *seq, *amount, copies.to_string()),
+                Mend::Unreadable { item } => ("unreadable", 0, 0, item.clone()),
             };
             invocation
                 .arg(op)
                 .arg(seq)
                 .arg(amount)
                 .arg(seq % buckets)
-                .arg(claim);
+                .arg(extra);
         }
         let reply: Vec<String> = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
         match reply.as_slice() {
             [word] if word == "moved" => Ok(MendOutcome::Moved),
+            [word, state] if word == "not_live" => Ok(MendOutcome::NotLive(state.clone())),
             [word, added, removed] if word == "mended" => Ok(MendOutcome::Mended {
                 added: added
                     .parse()

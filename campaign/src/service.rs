@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 
 use redpacket_common::Currency;
 use redpacket_common::ids::SnowflakeGenerator;
+use redpacket_common::lease::LeaseManager;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 mod repair;
 
 pub use repair::{
-    DEFAULT_REPAIR_ITEMS, Finding, MAX_INSPECTED_POOL_ITEMS, MAX_REPAIR_CAMPAIGNS,
-    MAX_REPAIR_ITEMS, REPAIR_TIME_BUDGET, RepairOptions, RepairReport,
+    CursorStage, DEFAULT_REPAIR_ITEMS, Finding, MAX_COMPARED_ROWS, MAX_INSPECTED_POOL_ITEMS,
+    MAX_MENDS_PER_CALL, MAX_REPAIR_CAMPAIGNS, MAX_REPAIR_ITEMS, REPAIR_TIME_BUDGET, RepairCursor,
+    RepairOptions, RepairReport, mends_of,
 };
 
 use crate::entity::{campaign, claim, stats};
@@ -89,7 +91,7 @@ pub enum CampaignError {
     Store(#[source] StoreError),
     #[error("id generation failed: {0}")]
     Ids(String),
-    #[error("a repair is already running in this process; try again when it is done")]
+    #[error("a repair is already running; try again when it is done")]
     RepairBusy,
 }
 
@@ -256,11 +258,16 @@ pub struct CampaignService {
     cache: Arc<RwLock<HashMap<i64, CachedCampaign>>>,
     lifecycle_wakeup: Arc<Notify>,
     rebuild_quiet: Duration,
+    /// The youngest age a repair may take claims and campaigns at (its `min_age_ms` floor).
+    repair_min_age: Duration,
     /// Lost pools waiting for their quiet period: the recorded claims last seen, and since when
     /// (epoch ms) that count has not moved.
     quiet_since: Arc<std::sync::Mutex<HashMap<i64, (i64, i64)>>>,
     /// One operator repair at a time per process.
     repair_gate: Arc<tokio::sync::Semaphore>,
+    /// One operator repair at a time across the replicas: a lease on `repair_lease_key`.
+    repair_leases: LeaseManager,
+    repair_lease_key: String,
 }
 
 impl std::fmt::Debug for CampaignService {
@@ -287,9 +294,21 @@ impl CampaignService {
             cache: Arc::default(),
             lifecycle_wakeup: Arc::new(Notify::new()),
             rebuild_quiet: DEFAULT_REBUILD_QUIET,
+            repair_min_age: DEFAULT_REBUILD_QUIET,
             quiet_since: Arc::default(),
             repair_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            repair_leases: LeaseManager::local(),
+            repair_lease_key: "campaign:repair".to_owned(),
         }
+    }
+
+    /// The service with the repair's lease (one repair at a time across every replica that
+    /// shares `leases`) on `key`; by default the lease lives in this process only.
+    #[must_use]
+    pub fn with_repair_leases(mut self, leases: LeaseManager, key: impl Into<String>) -> Self {
+        self.repair_leases = leases;
+        self.repair_lease_key = key.into();
+        self
     }
 
     /// The service with another quiet period before a lost pool is rebuilt.
@@ -297,6 +316,20 @@ impl CampaignService {
     pub fn with_rebuild_quiet(mut self, quiet: Duration) -> Self {
         self.rebuild_quiet = quiet;
         self
+    }
+
+    /// The service with another floor on a repair's `min_age_ms` (by default the rebuild's
+    /// quiet period, 60 s: a grab the pool answered that long ago has had its hand-off's
+    /// retries to reach the database, so a repair does not judge it by a row that lags).
+    #[must_use]
+    pub fn with_repair_min_age(mut self, floor: Duration) -> Self {
+        self.repair_min_age = floor;
+        self
+    }
+
+    /// The floor on a repair's `min_age_ms`.
+    pub fn repair_min_age(&self) -> Duration {
+        self.repair_min_age
     }
 
     pub fn store(&self) -> &Store {

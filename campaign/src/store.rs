@@ -1,6 +1,6 @@
 //! The campaign database: campaigns, packets, claims, counters and the event outbox.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
@@ -92,7 +92,30 @@ pub enum StoreError {
     ClaimMismatch(String),
     #[error("campaign {0} does not exist")]
     UnknownCampaign(i64),
+    /// A repair's record of a packet another claim holds (`packet_taken`) in a campaign whose
+    /// pool was never rebuilt: nothing written, for a later run or an operator.
+    #[error("claim `{0}` conflicts with the database: {1}")]
+    RecordConflict(String, &'static str),
 }
+
+/// What a checked record does with a claim whose packet another claim holds or whose user is
+/// at the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflicts {
+    /// Records it `compensated` with the reason: a rebuilt pool's rule, where the lost pool and
+    /// the rebuilt one may each have granted without knowing of the other.
+    Compensate,
+    /// A packet another claim holds writes nothing and answers
+    /// [`StoreError::RecordConflict`]: in a pool never rebuilt such a conflict may mean the
+    /// database lags the pool (a compensation's return landed before its row), so refusing the
+    /// grant could leave a user answered 200 unpaid. A user over the limit is still recorded
+    /// `compensated`: the pool counts a compensated claim against the limit as the database
+    /// does, so that conflict is never a lag.
+    RefuseTakenPacket,
+}
+
+/// A campaign's packets (`packets[seq]` is packet `seq`'s amount) and the claims holding each.
+pub type PacketHolders = (Vec<i64>, HashMap<u32, Vec<String>>);
 
 /// The result of a create with an idempotency key.
 #[derive(Debug)]
@@ -402,13 +425,20 @@ impl Store {
         })
     }
 
-    /// A campaign's packets in `seq` order and, for each packet a claim holds (pending,
-    /// credited, or compensated with the packet kept out for the refund), that claim's id:
-    /// what a repair compares the pool with.
+    /// A campaign's packets in `seq` order and, for each packet claims hold (pending,
+    /// credited, or compensated with the packet kept out for the refund), those claims' ids
+    /// (more than one is a packet granted twice): what a repair compares the pool with. `None`
+    /// when the campaign has more than `max_rows` packets (its row's `packet_count`, which its
+    /// packets match) or claims: a repair reads no more.
     pub async fn packet_holders(
         &self,
-        id: i64,
-    ) -> Result<(Vec<i64>, HashMap<u32, String>), StoreError> {
+        campaign: &campaign::Model,
+        max_rows: u64,
+    ) -> Result<Option<PacketHolders>, StoreError> {
+        let id = campaign.id;
+        if u64::try_from(campaign.packet_count).unwrap_or(u64::MAX) > max_rows {
+            return Ok(None);
+        }
         let packets = self.packets(id).await?;
         let claims: Vec<(String, i32, String, bool)> = claim::Entity::find()
             .select_only()
@@ -417,24 +447,47 @@ impl Store {
             .column(claim::Column::Status)
             .column(claim::Column::ReturnedToPool)
             .filter(claim::Column::CampaignId.eq(id))
+            .limit(max_rows + 1)
             .into_tuple()
             .all(&self.db)
             .await?;
-        let holders = claims
-            .into_iter()
-            .filter(|(_, _, status, returned)| status != claim_status::COMPENSATED || !returned)
-            .filter_map(|(claim_id, seq, _, _)| Some((u32::try_from(seq).ok()?, claim_id)))
-            .collect();
-        Ok((packets, holders))
+        if claims.len() as u64 > max_rows {
+            return Ok(None);
+        }
+        let mut holders: HashMap<u32, Vec<String>> = HashMap::new();
+        for (claim_id, seq, status, returned) in claims {
+            if status == claim_status::COMPENSATED && returned {
+                continue;
+            }
+            if let Ok(seq) = u32::try_from(seq) {
+                holders.entry(seq).or_default().push(claim_id);
+            }
+        }
+        Ok(Some((packets, holders)))
     }
 
-    /// Campaigns not settled (live, ended or cancelled), oldest first: the ones a repair
-    /// looks at.
+    /// Makes every later record of the campaign a checked one ([`Store::record_claim_checked`]),
+    /// as after a rebuild: set when a repair found packets granted and still in a bucket, whose
+    /// second grants the normal path's record would not notice. Kept once set.
+    pub async fn require_checked_records(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
+        campaign::Entity::update_many()
+            .col_expr(campaign::Column::PoolRebuiltAtMs, Expr::value(now_ms))
+            .filter(campaign::Column::Id.eq(id))
+            .filter(campaign::Column::PoolRebuiltAtMs.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Campaigns not settled (live, ended or cancelled) from id `from` on, oldest first: the
+    /// ones a repair looks at.
     pub async fn unsettled_campaigns(
         &self,
+        from: i64,
         limit: u64,
     ) -> Result<Vec<campaign::Model>, StoreError> {
         Ok(campaign::Entity::find()
+            .filter(campaign::Column::Id.gte(from))
             .filter(campaign::Column::Status.is_in([
                 status::SCHEDULED,
                 status::ACTIVE,
@@ -448,15 +501,20 @@ impl Store {
             .await?)
     }
 
-    /// A campaign's claims still `pending` that were grabbed before `before_ms`, oldest first.
+    /// A campaign's claims still `pending` that were grabbed before `before_ms`, by id, after
+    /// the claim `after` when given.
     pub async fn stale_pending_claims(
         &self,
         campaign_id: i64,
         before_ms: i64,
+        after: Option<&str>,
         limit: u64,
     ) -> Result<Vec<claim::Model>, StoreError> {
-        Ok(claim::Entity::find()
-            .filter(claim::Column::CampaignId.eq(campaign_id))
+        let mut query = claim::Entity::find().filter(claim::Column::CampaignId.eq(campaign_id));
+        if let Some(after) = after {
+            query = query.filter(claim::Column::Id.gt(after));
+        }
+        Ok(query
             .filter(claim::Column::Status.eq(claim_status::PENDING))
             .filter(claim::Column::GrabbedAtMs.lt(before_ms))
             .order_by_asc(claim::Column::Id)
@@ -671,6 +729,27 @@ impl Store {
         per_user_limit: i64,
         granted_by_rebuilt_pool: bool,
     ) -> Result<claim::Model, StoreError> {
+        self.record_claim_repaired(
+            record,
+            per_user_limit,
+            granted_by_rebuilt_pool,
+            &HashSet::new(),
+            Conflicts::Compensate,
+        )
+        .await
+    }
+
+    /// [`Store::record_claim_checked`] for a repair: a claim in `returned_claims` (its packet
+    /// went back to the pool, whatever its row says yet) holds no packet, and `on_conflict`
+    /// says whether a conflict is recorded `compensated` or refused with nothing written.
+    pub async fn record_claim_repaired(
+        &self,
+        record: &ClaimRecord,
+        per_user_limit: i64,
+        granted_by_rebuilt_pool: bool,
+        returned_claims: &HashSet<String>,
+        on_conflict: Conflicts,
+    ) -> Result<claim::Model, StoreError> {
         let seq = i32::try_from(record.seq).unwrap_or(i32::MAX);
         let txn = self.db.begin().await?;
         // The campaign's row is the lock: the checked records of a campaign are one at a time,
@@ -701,6 +780,7 @@ impl Store {
         let packet_taken = others.iter().any(|other| {
             other.packet_seq == seq
                 && (other.status != claim_status::COMPENSATED || !other.returned_to_pool)
+                && !returned_claims.contains(&other.id)
         });
         let user_claims = others
             .iter()
@@ -725,6 +805,13 @@ impl Store {
         // out: that packet stays out for the refund, as after any compensation at the end. So
         // the in-flight count, which counts the packets taken from the pool, stays exact.
         let returned = packet_taken || !granted_by_rebuilt_pool;
+        if let (Some(reason), true, Conflicts::RefuseTakenPacket) =
+            (refused, packet_taken, on_conflict)
+        {
+            txn.rollback().await?;
+            let code = reason.split(':').next().unwrap_or(reason);
+            return Err(StoreError::RecordConflict(record.id.clone(), code));
+        }
         if let Some(reason) = refused {
             model.status = claim_status::COMPENSATED.to_owned();
             model.reason = Some(reason.to_owned());

@@ -45,6 +45,19 @@ impl Api {
         key: Option<&str>,
         body: Option<Value>,
     ) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) = self.call_timed(method, path, token, key, body).await?;
+        Ok((status, body))
+    }
+
+    /// [`Api::call`], with the answer's `Retry-After` (seconds) when it has one.
+    async fn call_timed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Option<u64>, Value)> {
         let mut request = self
             .client
             .request(method, format!("{}{path}", self.base))
@@ -60,8 +73,13 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach {}{path}", self.base))?;
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse().ok());
         let body = response.json().await.unwrap_or(Value::Null);
-        Ok((status, body))
+        Ok((status, retry_after, body))
     }
 
     /// The reconciliation, as the operator sees it.
@@ -93,8 +111,11 @@ impl Api {
         }
     }
 
-    /// Runs the repair (`POST /v1/admin/reconciliation/repair`) until no service has more to
-    /// look at, at most `most_calls` calls: every finding, in order.
+    /// Runs the repair (`POST /v1/admin/reconciliation/repair`), each call resuming at the
+    /// cursor the previous one answered, until no service has more to look at, at most
+    /// `most_calls` calls: every finding, in order. `more` is left true when the run could
+    /// not finish within its calls. A repair already running elsewhere (503
+    /// `repair_in_progress`) is waited for, as its `Retry-After` says, a few times.
     pub async fn repair(
         &self,
         limit: u32,
@@ -102,30 +123,50 @@ impl Api {
         most_calls: u32,
     ) -> anyhow::Result<RepairOutcome> {
         let operator = self.token(Role::Operator, "repair-ops")?;
-        let mut outcome = RepairOutcome::default();
-        for _ in 0..most_calls.max(1) {
-            let (status, body) = self
-                .call(
+        let mut outcome = RepairOutcome {
+            more: true,
+            ..RepairOutcome::default()
+        };
+        let mut cursor: Option<Value> = None;
+        let mut busy_waits = 0;
+        while outcome.calls < most_calls.max(1) {
+            let mut request = json!({ "limit": limit, "min_age_ms": min_age_ms });
+            if let Some(cursor) = &cursor {
+                request["cursor"] = cursor.clone();
+            }
+            let (status, retry_after, body) = self
+                .call_timed(
                     reqwest::Method::POST,
                     "/v1/admin/reconciliation/repair",
                     &operator,
                     None,
-                    Some(json!({ "limit": limit, "min_age_ms": min_age_ms })),
+                    Some(request),
                 )
                 .await?;
+            if status == 503
+                && body["code"] == "repair_in_progress"
+                && busy_waits < REPAIR_BUSY_WAITS
+            {
+                busy_waits += 1;
+                let wait = retry_after.unwrap_or(1).clamp(1, REPAIR_BUSY_WAIT_MAX_S);
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                continue;
+            }
             if status != 200 {
                 bail!("the repair answered {status}: {body}");
             }
             outcome.calls += 1;
-            let findings = body["findings"].as_array().cloned().unwrap_or_default();
-            let found_any = !findings.is_empty();
-            outcome.findings.extend(findings);
-            // A call that found nothing would find nothing again: what it left beyond its
-            // bound is moving on its own (sagas in flight), not for this run.
-            outcome.more = body["more"] == true && found_any;
+            outcome
+                .findings
+                .extend(body["findings"].as_array().cloned().unwrap_or_default());
+            outcome.more = body["more"] == true;
             if !outcome.more {
                 break;
             }
+            cursor = body
+                .get("cursor")
+                .filter(|cursor| cursor.is_string())
+                .cloned();
         }
         Ok(outcome)
     }
@@ -325,12 +366,17 @@ pub async fn demo(api: &Api, options: &DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Times a repair run waits for another repair to finish before it gives up.
+const REPAIR_BUSY_WAITS: u32 = 5;
+/// The longest wait for another repair, whatever its `Retry-After` says.
+const REPAIR_BUSY_WAIT_MAX_S: u64 = 10;
+
 /// Every finding of a repair run, over its calls.
 #[derive(Debug, Default)]
 pub struct RepairOutcome {
     pub findings: Vec<Value>,
     pub calls: u32,
-    /// The last call still had more to look at.
+    /// The run ended with more to look at: its calls ran out before the end.
     pub more: bool,
 }
 

@@ -79,7 +79,11 @@ pub async fn run(
         Arc::new(pool),
         Arc::new(SnowflakeGenerator::new(1)?),
         1,
-    );
+    )
+    // The floor on a repair's age guards against judging a grant of a Redis pool whose
+    // hand-off is still on its way; the local pool records each claim in its grab's own
+    // transaction, so no grant is ever on its way and any age is safe.
+    .with_repair_min_age(std::time::Duration::ZERO);
     let campaign = redpacket_campaign::Application::with_service(service, loopback()).await?;
     let campaign_url = format!("http://127.0.0.1:{}", campaign.port());
 

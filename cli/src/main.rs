@@ -15,8 +15,9 @@ use redpacket_migrations::{Migrator, MigratorTrait};
 
 mod demo;
 
-/// Repair calls one `reconcile --repair` makes at most (each bounded by its items and time).
-const REPAIR_CALLS: u32 = 20;
+/// Repair calls one `reconcile --repair` makes at most, following the cursor (each bounded by
+/// its items and time); a run that has not reached the end by then fails.
+const REPAIR_CALLS: u32 = 100;
 /// How long `reconcile --repair` waits for the reconciliation to hold after a repair.
 const REPAIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 mod embedded;

@@ -190,9 +190,15 @@ pub struct RepairBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
     /// Only claims grabbed, campaigns ended and sagas stalled at least this long ago are
-    /// taken (0 to 86,400,000 ms; default 60,000): younger ones are still moving on their own.
+    /// taken (up to 86,400,000 ms; default 60,000): younger ones are still moving on their
+    /// own. The campaign service refuses an age below its floor (60,000 unless configured
+    /// otherwise) with 422 naming `min_age_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_age_ms: Option<i64>,
+    /// Where to resume: the `cursor` the previous call answered; absent to start at the
+    /// oldest campaign not settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// One thing a repair found wrong, and what became of it.
@@ -201,7 +207,9 @@ pub struct RepairFinding {
     /// The service that owns it and repaired it: `campaign` or `saga`.
     pub service: String,
     /// `claim_unrecorded` (granted by the pool, unknown to the database), `pool_mismatch`
-    /// (packets missing from or extra in a pool), `pool_lost`, `claim_pending` (a claim with no
+    /// (packets missing from or extra in a pool), `pool_lost`, `packet_granted_twice` (a packet
+    /// more than one claim holds, for an operator), `repair_failed` (one campaign's repair
+    /// failed, with the error; the others went on), `claim_pending` (a claim with no
     /// live saga), `campaign_unsettled` (an ended campaign with no live refund), `saga_stuck`
     /// (dead-lettered) or `saga_stalled` (no progress).
     pub kind: String,
@@ -224,6 +232,11 @@ pub struct RepairReport {
     pub unrepaired: u64,
     /// Every finding; none when nothing needed a repair.
     pub findings: Vec<RepairFinding>,
-    /// Whether a service stopped at its item or time bound: call again.
+    /// Whether a service stopped at its item or time bound: call again, with `cursor`.
     pub more: bool,
+    /// Where the campaign service stopped, when it did: pass it back as the body's `cursor`
+    /// (absent when only the saga worker had more, or nothing was left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub cursor: Option<String>,
 }

@@ -60,7 +60,11 @@ pub async fn run(
         )
     })?;
     let deadline = gateway.timeouts.write;
-    let campaign_body = serde_json::json!({ "limit": limit, "min_age_ms": min_age_ms });
+    let mut campaign_body = serde_json::json!({ "limit": limit, "min_age_ms": min_age_ms });
+    if let Some(cursor) = &body.cursor {
+        // The campaign service owns the cursor's meaning, and refuses one it did not answer.
+        campaign_body["cursor"] = serde_json::json!(cursor);
+    }
     let campaign: RepairReportDto = gateway
         .campaign
         .call(
@@ -139,5 +143,6 @@ pub async fn run(
         unrepaired,
         findings,
         more: campaign.more || sagas.more,
+        cursor: campaign.cursor.filter(|_| campaign.more),
     })
 }

@@ -226,6 +226,57 @@ pub struct RefundToCheck {
     pub total_amount: i64,
 }
 
+/// Refuses a repair body whose ids are outside their alphabets (422 naming the field, e.g.
+/// `grabs[2].claim_id`): a saga id is made of them, so a folded or odd id would start a saga
+/// nobody else can name.
+fn check_repair_ids(body: &SagaRepairBody) -> Result<(), Problem> {
+    let owner = |field: String, id: &str| {
+        if redpacket_common::accounts::is_owner_id(id) {
+            Ok(())
+        } else {
+            Err(Problem::unprocessable(
+                "invalid_field",
+                format!("`{field}` must be 1-64 ASCII letters, digits, `-` or `_`"),
+            )
+            .with_field(field))
+        }
+    };
+    let campaign = |field: String, id: &str| {
+        if !id.is_empty() && id.len() <= 19 && id.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(())
+        } else {
+            Err(Problem::unprocessable(
+                "invalid_field",
+                format!("`{field}` must be a campaign id (decimal digits)"),
+            )
+            .with_field(field))
+        }
+    };
+    let currency = |field: String, code: &str| {
+        if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+            Ok(())
+        } else {
+            Err(Problem::unprocessable(
+                "invalid_field",
+                format!("`{field}` must be an ISO 4217 code"),
+            )
+            .with_field(field))
+        }
+    };
+    for (i, grab) in body.grabs.iter().enumerate() {
+        owner(format!("grabs[{i}].claim_id"), &grab.claim_id)?;
+        campaign(format!("grabs[{i}].campaign_id"), &grab.campaign_id)?;
+        owner(format!("grabs[{i}].user_id"), &grab.user_id)?;
+        currency(format!("grabs[{i}].currency"), &grab.currency)?;
+    }
+    for (i, refund) in body.refunds.iter().enumerate() {
+        campaign(format!("refunds[{i}].campaign_id"), &refund.campaign_id)?;
+        owner(format!("refunds[{i}].merchant_id"), &refund.merchant_id)?;
+        currency(format!("refunds[{i}].currency"), &refund.currency)?;
+    }
+    Ok(())
+}
+
 /// What an operator's repair asks of the saga worker.
 #[derive(Debug, Clone, Object, serde::Deserialize, serde::Serialize)]
 #[oai(deny_unknown_fields)]
@@ -395,6 +446,7 @@ impl SagaApi {
             )
             .with_field("grabs"));
         }
+        check_repair_ids(&body)?;
         let stalled_after_ms = body.stalled_after_ms.unwrap_or(60_000);
         if !(1_000..=86_400_000).contains(&stalled_after_ms) {
             return Err(Problem::unprocessable(

@@ -123,7 +123,15 @@ pub async fn spawn_app_on(setup: Setup, buckets: u32, redis: &str) -> TestApp {
         Arc::new(SnowflakeGenerator::new(worker).unwrap()),
         buckets,
     )
-    .with_rebuild_quiet(Duration::from_millis(500));
+    .with_rebuild_quiet(Duration::from_millis(500))
+    .with_repair_min_age(Duration::from_millis(500))
+    .with_repair_leases(
+        redpacket_common::lease::LeaseManager::with_fence_key(
+            pool.connection(),
+            &format!("{prefix}:lease:fence"),
+        ),
+        format!("{prefix}:lease:campaign-repair"),
+    );
     let app = Application::with_service(service.clone(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

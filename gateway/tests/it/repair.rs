@@ -452,6 +452,25 @@ async fn a_repair_refuses_bad_bounds_and_callers_that_are_not_operators() {
         (status.as_u16(), &problem["field"]),
         (422, &json!("min_age_ms"))
     );
+    // Below the campaign service's floor (a second in this system): refused, not shortened.
+    let (status, problem) = system
+        .gateway
+        .post(path, &operator, Some(json!({"min_age_ms": 999})))
+        .await;
+    assert_eq!(
+        (status.as_u16(), &problem["field"]),
+        (422, &json!("min_age_ms")),
+        "{problem}"
+    );
+    let (status, problem) = system
+        .gateway
+        .post(path, &operator, Some(json!({"cursor": "not a cursor"})))
+        .await;
+    assert_eq!(
+        (status.as_u16(), &problem["field"]),
+        (422, &json!("cursor")),
+        "{problem}"
+    );
     let (status, _) = system
         .gateway
         .post(path, &token(Role::Merchant, "m1"), Some(json!({})))

@@ -183,7 +183,9 @@ impl System {
             4,
         )
         // A lost pool is rebuilt a second after its claims went quiet, not a minute.
-        .with_rebuild_quiet(Duration::from_secs(1));
+        .with_rebuild_quiet(Duration::from_secs(1))
+        // And a repair may take what is a second old, for the same reason.
+        .with_repair_min_age(Duration::from_secs(1));
         let campaign = redpacket_campaign::Application::with_service(
             campaigns.clone(),
             "127.0.0.1:0".parse().unwrap(),

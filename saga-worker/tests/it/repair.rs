@@ -39,6 +39,16 @@ async fn a_repair_replays_dead_lettered_sagas_once_each_and_a_second_run_finds_n
     };
     let (status, problem) = repair(json!({"limit": 0})).await;
     assert_eq!((status, problem["field"].as_str()), (422, Some("limit")));
+    // An id outside its alphabet is refused, naming it, never folded into a saga id.
+    let odd = json!({
+        "claim_id": "c1", "campaign_id": campaign, "user_id": "u 0",
+        "packet_seq": 0, "amount": 1, "currency": "CNY", "grabbed_at_ms": 0,
+    });
+    let (status, problem) = repair(json!({"grabs": [odd]})).await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("grabs[0].user_id"))
+    );
 
     // One of the claims is also handed in as pending, as the campaign service lists it: its
     // dead letter is replayed once, not twice (the letter's own message, whatever the rest of
