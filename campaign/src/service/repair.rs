@@ -513,6 +513,11 @@ impl CampaignService {
         if mends.is_empty() && drift == (0, 0) {
             return Ok(None);
         }
+        // A packet granted and still in a bucket can be granted again: those removals (and the
+        // duplicates' and strangers') go first, so a cap keeps them, and the campaign's later
+        // records are checked from this call on even if some wait for the next one.
+        mends.sort_by_key(|mend| matches!(mend, Mend::Add { .. }));
+        let granted_in_bucket = mends.iter().any(|mend| matches!(mend, Mend::Held { .. }));
         let capped = mends.len() > MAX_MENDS_PER_CALL;
         mends.truncate(MAX_MENDS_PER_CALL);
         // The lifecycle may have ended the campaign since it was read: only a campaign still
@@ -542,7 +547,6 @@ impl CampaignService {
             }
             _ => None,
         });
-        let granted_in_bucket = mends.iter().any(|mend| matches!(mend, Mend::Held { .. }));
         let unreadable = mends
             .iter()
             .filter(|mend| matches!(mend, Mend::Unreadable { .. }))
