@@ -106,25 +106,9 @@ async fn a_claim_granted_in_redis_only_is_recorded_with_the_limit_checked_and_th
         }
     }
     let planted = planted.unwrap();
-    let (seq, amount) = planted.split_once(':').unwrap();
     let campaign_id: i64 = id.parse().unwrap();
     let second = redpacket_campaign::service::claim_id(1 << 50, campaign_id);
-    let _: () = redis
-        .hset(
-            key("pending"),
-            &second,
-            format!(
-                "alice:{seq}:{amount}:{}",
-                chrono::Utc::now().timestamp_millis() - 5_000
-            ),
-        )
-        .await
-        .unwrap();
-    let _: () = redis.hincr(key("meta"), "left", -1).await.unwrap();
-    let _: () = redis
-        .hincr(key("meta"), "left_amount", -amount.parse::<i64>().unwrap())
-        .await
-        .unwrap();
+    plant_pending(&app, &id, &second, "alice", &planted).await;
 
     let report = app
         .service
@@ -319,7 +303,7 @@ async fn repair_never_reopens_an_exhausted_pool_whose_counters_drifted() {
 async fn plant_grant(app: &TestApp, id: &str, user: &str, item: &str, n: u64) -> String {
     let mut redis = app.pool.connection();
     let key = |kind: &str| format!("{}:{{c:{id}}}:{kind}", app.prefix);
-    let (seq, amount) = item.split_once(':').unwrap();
+    let (seq, _) = item.split_once(':').unwrap();
     let buckets = u32::try_from(app.service.campaign(id).await.unwrap().buckets).unwrap();
     let bucket = seq.parse::<u32>().unwrap() % buckets;
     let _: i64 = redis
@@ -327,10 +311,20 @@ async fn plant_grant(app: &TestApp, id: &str, user: &str, item: &str, n: u64) ->
         .await
         .unwrap();
     let claim = redpacket_campaign::service::claim_id((1 << 50) + n, id.parse().unwrap());
+    plant_pending(app, id, &claim, user, item).await;
+    claim
+}
+
+/// Writes `claim` as a pending grant of packet `item` ("seq:amount") to `user`, five seconds
+/// old, and takes the packet off the pool's counters, as the grab script does (no hand-off).
+async fn plant_pending(app: &TestApp, id: &str, claim: &str, user: &str, item: &str) {
+    let mut redis = app.pool.connection();
+    let key = |kind: &str| format!("{}:{{c:{id}}}:{kind}", app.prefix);
+    let (seq, amount) = item.split_once(':').unwrap();
     let _: () = redis
         .hset(
             key("pending"),
-            &claim,
+            claim,
             format!(
                 "{user}:{seq}:{amount}:{}",
                 chrono::Utc::now().timestamp_millis() - 5_000
@@ -343,7 +337,6 @@ async fn plant_grant(app: &TestApp, id: &str, user: &str, item: &str, n: u64) ->
         .hincr(key("meta"), "left_amount", -amount.parse::<i64>().unwrap())
         .await
         .unwrap();
-    claim
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
