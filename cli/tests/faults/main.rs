@@ -170,10 +170,10 @@ async fn drive(system: &mut System, plan: Vec<Timed>, plant: bool) -> Report {
         eprintln!("fault {line}");
     }
     let faults_ended = done.last_fault_end.unwrap_or(origin);
-    for (kind, effect) in &done.proxy_effects {
-        if *effect == 0 {
+    for (kind, (windows, effect)) in &done.proxy_effects {
+        if *windows >= 2 && *effect == 0 {
             report.violations.push(format!(
-                "the proxies' {kind} windows acted on nothing: the scenario tested less than it says"
+                "the proxies' {windows} {kind} windows acted on nothing: the scenario tested less than it says"
             ));
         }
     }

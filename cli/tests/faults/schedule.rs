@@ -112,9 +112,10 @@ pub struct Done {
     /// When the last fault ended.
     pub last_fault_end: Option<Instant>,
     pub log: Vec<String>,
-    /// What each kind of proxy fault did in all its windows: a kind that did nothing means the
-    /// scenario tested less than it says.
-    pub proxy_effects: std::collections::BTreeMap<&'static str, u64>,
+    /// Each kind of proxy fault: its windows, and what it did in all of them. A kind that did
+    /// nothing in two or more windows means the scenario tested less than it says (one window
+    /// may fall on a link that is quiet by chance, behind an open breaker say).
+    pub proxy_effects: std::collections::BTreeMap<&'static str, (u64, u64)>,
 }
 
 /// Runs the actions in order of their moments, from `origin`.
@@ -169,7 +170,9 @@ pub async fn run(system: &mut System, origin: Instant, mut plan: Vec<Timed>) -> 
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 proxy.set(Fault::Pass);
-                *done.proxy_effects.entry(fault.kind()).or_default() += proxy.injected() - before;
+                let (windows, effect) = done.proxy_effects.entry(fault.kind()).or_default();
+                *windows += 1;
+                *effect += proxy.injected() - before;
             }
         }
         done.log.push(format!(
